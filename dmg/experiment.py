@@ -1,0 +1,120 @@
+"""Builds an experiment's parts from the config and runs it: the only code that sees the whole config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dmg.data import DomainSplits, choose_domains
+from dmg.data.loading import make_loader
+from dmg.checkpoints import Checkpointer
+from dmg.errors import UserError
+from dmg.loop import Loaders, fit
+from dmg.methods.base import Method
+from dmg.models.staged import StagedNetwork
+from dmg.summary import mask_overlap_figure, print_summary, summarize
+from dmg.tracking import Tracker, git_commit
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``."""
+    check_settings(cfg)
+    device = resolve_device(cfg.device)
+    dataset = build(cfg.dataset.builder, "dataset")
+    sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
+    method = build_method(cfg, sources).to(device)
+    splits = dataset.build(sources, targets)
+    loaders = build_loaders(splits, cfg)
+    tracker = Tracker.start(cfg, run_tags(cfg, targets), Path(cfg.checkpoint_dir))
+    log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting", tracker.run_id, sources, targets)
+    checkpoints = Checkpointer(tracker.directory)
+    try:
+        history = fit(method, loaders, cfg.epochs, cfg.seed, device, checkpoints, tracker.log_metrics, cfg.progress)
+        summary = summarize(history)
+        finish_run(tracker, method, checkpoints, summary, sources)
+    except BaseException as error:
+        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    title = f"{cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {tracker.run_id}"
+    print_summary(summary, sources, targets, title)
+    return summary[cfg.optimized_metric]
+
+
+def check_settings(cfg: DictConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg.resume not in ("auto", "never"):
+        raise UserError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, otherwise the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def build(node: DictConfig, group: str, **kwargs):
+    """``instantiate`` with errors reported as one line naming the config group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"bad {group} config: {cause}") from None
+
+
+def build_method(cfg: DictConfig, sources: list[str]) -> Method:
+    """The backbone, then the method around it (method options come from the ``method/`` group)."""
+    network: StagedNetwork = build(cfg.backbone.network, "backbone")
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    del options["name"]
+    return build(options, "method", network=network, domains=sources)
+
+
+def build_loaders(splits: DomainSplits, cfg: DictConfig) -> Loaders:
+    evaluate = lambda dataset: make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers)  # noqa: E731
+    return Loaders(
+        train=make_loader(splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last),
+        val={name: evaluate(dataset) for name, dataset in splits.val.items()},
+        test={name: evaluate(dataset) for name, dataset in splits.test.items()},
+    )
+
+
+def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
+    tags = {
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "target": "+".join(targets),
+        "backbone": cfg.backbone.name,
+        "seed": str(cfg.seed),
+    }
+    commit = git_commit()
+    return tags | ({"mlflow.source.git.commit": commit} if commit else {})
+
+
+def finish_run(tracker: Tracker, method: Method, checkpoints: Checkpointer, summary: dict, sources: list[str]) -> None:
+    """Log the summary, the selected model's mask-overlap plots and both checkpoints; mark the run finished."""
+    tracker.log_dict(summary, "summary.json")
+    tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
+    checkpoints.load_best(method)
+    for layer, iou in method.mask_overlaps().items():
+        figure = mask_overlap_figure(iou, sources, layer)
+        tracker.log_figure(figure, f"masks/iou_{layer}.png")
+        plt.close(figure)
+    tracker.log_artifact(checkpoints.best, "checkpoints")
+    tracker.log_artifact(checkpoints.last, "checkpoints")
+    tracker.finish()

@@ -1,0 +1,67 @@
+"""A backbone seen as an ordered list of named stages.
+
+Stage names are the module names users know from torchvision (``layer3``, ``fc``, ``classifier.6``), so
+masks and heads attach to a layer by name, and the part of the network before a layer can be computed
+once and reused (DMG's out-of-domain ensemble, multi-head's shared trunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dmg.errors import UserError
+
+StageHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class StagedNetwork(nn.Module):
+    """Runs its stages one after another; ``run`` can start and stop at any stage and transform stage inputs."""
+
+    def __init__(self, stages: Sequence[tuple[str, nn.Module]]):
+        super().__init__()
+        self.names = [name for name, _ in stages]
+        self.stages = nn.ModuleList(module for _, module in stages)
+
+    def index(self, name: str) -> int:
+        """Position of the stage called ``name``; a clear error lists the valid names otherwise."""
+        if name not in self.names:
+            raise UserError(f"unknown layer {name!r}: this backbone's layers are {', '.join(self.names)}")
+        return self.names.index(name)
+
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None, before: StageHook | None = None):
+        """Stages ``[start, stop)`` on ``x``; ``before(name, input)`` may replace each stage's input."""
+        stop = len(self.stages) if stop is None else stop
+        for name, stage in zip(self.names[start:stop], self.stages[start:stop]):
+            x = stage(before(name, x) if before else x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def slice(self, start: int, stop: int | None = None) -> StagedNetwork:
+        """The stages ``[start, stop)`` as a network of their own (sharing the modules)."""
+        return StagedNetwork(list(zip(self.names[start:stop], self.stages[start:stop])))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The last stage: the linear classifier sized to the dataset."""
+        return self.stages[-1]
+
+    @torch.no_grad()
+    def stage_input_shapes(self, input_shape: Sequence[int]) -> dict[str, torch.Size]:
+        """Shape of each stage's input for a batch of two ``input_shape`` images (found by a dry run)."""
+        shapes = {}
+
+        def record(name: str, x: torch.Tensor) -> torch.Tensor:
+            shapes[name] = x.shape
+            return x
+
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        self.run(torch.zeros(2, *input_shape, device=device), before=record)
+        self.train(was_training)
+        return shapes
