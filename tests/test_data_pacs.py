@@ -73,7 +73,7 @@ def test_hdf5_train_transform_augments_and_eval_resizes(hdf5_root):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda root: (root / "sketch_test.hdf5").unlink(), "missing .*sketch_test.hdf5; download the PACS"),
+        (lambda root: (root / "sketch_test.hdf5").unlink(), "folder .*PACS lacks sketch_test.hdf5; download the PACS"),
         (lambda root: (root / "photo_val.hdf5").write_bytes((root / "photo_val.hdf5").read_bytes()[:3000]), "truncated"),
         (lambda root: _rewrite(root / "photo_train.hdf5", labels=None), "lacks the dataset.s. labels"),
         (lambda root: _rewrite(root / "photo_train.hdf5", labels=np.array([1, 2, 8] * 3)), "label 8 .* outside the class range 1..7"),
@@ -89,7 +89,7 @@ def test_hdf5_bad_inputs_give_one_line_errors(hdf5_root, damage, message):
 
 
 def test_missing_data_root_says_what_was_expected_and_how_to_get_it(tmp_path):
-    with pytest.raises(UserError, match=r"data folder .*nowhere not found: expected .*art_painting_train.hdf5.*PACS project page"):
+    with pytest.raises(UserError, match=r"folder .*nowhere not found: expected art_painting_train.hdf5.*PACS project page"):
         builder(tmp_path / "nowhere").build(DOMAINS[:3], ["sketch"])
 
 
@@ -127,7 +127,7 @@ def test_kfold_images_follow_the_official_lists(kfold_root):
 
 def test_kfold_missing_split_file_is_named(kfold_root):
     (kfold_root / "photo_crossval_kfold.txt").unlink()
-    with pytest.raises(UserError, match=r"missing .*photo_crossval_kfold.txt; download PACS's kfold"):
+    with pytest.raises(UserError, match=r"folder .*PACS lacks photo_crossval_kfold.txt; download PACS's kfold"):
         builder(kfold_root, "dataset.format=kfold").build(DOMAINS[:3], ["sketch"])
 
 

@@ -49,10 +49,11 @@ class PerDomainData:
         missing = [path for path in self.required_files(domains) if not path.exists()]
         if not missing:
             return
-        shown = ", ".join(str(path) for path in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         folder = Path(os.path.commonpath([str(path.parent) for path in missing]))
-        what = f"data folder {folder} not found: expected" if not folder.exists() else "missing"
-        raise UserError(f"{what} {shown}; {self.hint}".rstrip("; "))
+        names = [str(path.relative_to(folder)) for path in missing]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        what = "not found: expected" if not folder.exists() else "lacks"
+        raise UserError(f"folder {folder} {what} {shown}; {self.hint}".rstrip("; "))
 
 
 def fill(template: str, domain: str) -> Path:
