@@ -1,0 +1,130 @@
+"""Speed of each method on random data: training and evaluation images per second, and DMG's cost ratios.
+
+    python -m dmg.bench --backbone alexnet --batch-size 64 --domains 3
+    python -m dmg.bench loader ...          # data-loading throughput (see dmg/data/throughput.py)
+
+Methods are built exactly as ``launch.py`` builds them, from the same configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from dmg.experiment import build_method, resolve_device
+from dmg.methods.base import Method
+
+METHODS = ["aggregate", "multihead", "dmg"]
+PHASES = ["train", "eval_in", "eval_out"]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(backbone: str, method: str, input_shape: list[int], num_classes: int) -> DictConfig:
+    """The config ``launch.py backbone=... method=...`` would use, for random inputs of ``input_shape``."""
+    overrides = [f"backbone={backbone}", f"method={method}", f"dataset.input_shape={input_shape}", f"dataset.num_classes={num_classes}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``step`` (waiting for the GPU to finish)."""
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def phases(method: Method, batch: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], object]]:
+    """The three things a method does: a training step, in-domain and out-of-domain prediction."""
+    x, y, d = batch
+
+    def train():
+        method.train()
+        method.update(x, y, d)
+
+    def predict(domains):
+        method.eval()
+        with torch.no_grad():
+            method.predict(x, domains)
+
+    return {"train": train, "eval_in": lambda: predict(d), "eval_out": lambda: predict(None)}
+
+
+def measure(methods: dict[str, Method], batch, device: torch.device, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Images per second of each method and phase: the median of ``repeats`` timings.
+
+    The methods take turns within every round, so a change in machine load affects them alike.
+    """
+    steps = {name: phases(method, batch) for name, method in methods.items()}
+    timings = {name: {phase: [] for phase in PHASES} for name in methods}
+    for phase in PHASES:
+        for round_ in range(warmup + repeats):
+            for name in methods:
+                seconds = timed(steps[name][phase], device)
+                if round_ >= warmup:
+                    timings[name][phase].append(seconds)
+    size = len(batch[0])
+    return {name: {phase: size / statistics.median(t) for phase, t in by_phase.items()} for name, by_phase in timings.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loader"]:
+        from dmg.data.throughput import main as loader_main
+
+        return loader_main(argv[1:])
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    shape = [args.channels, args.image_size, args.image_size]
+    batch = (
+        torch.randn(args.batch_size, *shape, device=device),
+        torch.randint(0, args.classes, (args.batch_size,), device=device),
+        torch.arange(args.batch_size, device=device) % args.domains,
+    )
+    domains = [f"domain{i}" for i in range(args.domains)]
+    methods = {name: build_method(compose(args.backbone, name, shape, args.classes), domains).to(device) for name in args.methods}
+    report(measure(methods, batch, device, args.warmup, args.repeats), args, device)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dmg.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="alexnet", help="a conf/backbone option (default: alexnet)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--domains", type=int, default=3, help="number of source domains")
+    parser.add_argument("--classes", type=int, default=7)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
+    return parser.parse_args(argv)
+
+
+def report(results: dict[str, dict[str, float]], args: argparse.Namespace, device: torch.device) -> None:
+    print(f"{args.backbone}, batch {args.batch_size}, {args.domains} source domains, {args.image_size}px, {device}")
+    print(f"{'method':<10} {'train img/s':>12} {'eval in img/s':>14} {'eval out img/s':>15}")
+    for name, speed in results.items():
+        print(f"{name:<10} {speed['train']:>12.1f} {speed['eval_in']:>14.1f} {speed['eval_out']:>15.1f}")
+    if "dmg" in results and "aggregate" in results:
+        dmg, base = results["dmg"], results["aggregate"]
+        print("DMG / aggregate time ratios (lower is better; targets: train <= 1.05, out-of-domain eval <= 1.3):")
+        for key, label in [("train", "train step"), ("eval_in", "in-domain eval"), ("eval_out", "out-of-domain eval")]:
+            print(f"  {label:<20} {base[key] / dmg[key]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
