@@ -92,7 +92,7 @@ class ImageFolderDomains(PerDomainData):
 
     def holdout(self, domain: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(train, val)`` indices of a domain: a function of ``split_seed`` and the domain's name only."""
-        generator = torch.Generator().manual_seed(self.split_seed * 2**32 + zlib.crc32(domain.encode()))
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.split_seed}:{domain}".encode()))  # torch keeps 32 bits
         return split_indices(count, self.holdout_fraction, generator)
 
 
