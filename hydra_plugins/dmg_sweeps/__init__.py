@@ -1,0 +1,38 @@
+"""Hydra plugins of the DMG project: the ``sweeps/`` config folder and the resumable Optuna sweeper.
+
+Hydra only instantiates plugins defined under the ``hydra_plugins`` namespace, so these are thin shells; the
+sweeper's logic lives in ``dmg.sweeps``. Found whenever the repository root is on ``sys.path`` (``python
+launch.py`` puts it there; pytest through ``pythonpath = .`` in setup.cfg).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra.plugins.sweeper import Sweeper
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+
+
+class SweepRecipes(SearchPathPlugin):
+    """Adds ``sweeps/`` (recipes ``sweep/``, ``hydra/sweeper/``, ``hydra/launcher/``) to Hydra's config search path."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="dmg-sweeps", path=f"file://{SWEEPS}")
+
+
+class ResumableOptunaSweeper(Sweeper):
+    """Hydra's Optuna sweeper made resumable and failure-tolerant; see ``dmg.sweeps.ResumableOptuna``."""
+
+    def __init__(self, **options) -> None:
+        from dmg.sweeps import ResumableOptuna
+
+        self.sweeper = ResumableOptuna(**options)
+
+    def setup(self, **kwargs) -> None:
+        self.sweeper.setup(**kwargs)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)
