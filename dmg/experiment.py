@@ -13,12 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmg.data import DomainSplits, choose_domains
 from dmg.data.loading import make_loader
+from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
 from dmg.errors import UserError
 from dmg.loop import Loaders, fit
 from dmg.methods.base import Method
 from dmg.models.staged import StagedNetwork
-from dmg.summary import mask_overlap_figure, print_summary, summarize
+from dmg.summary import active_units_figure, mask_overlap_figure, print_summary, summarize
 from dmg.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def run(cfg: DictConfig) -> float:
     try:
         history = fit(method, loaders, cfg.epochs, cfg.seed, device, checkpoints, tracker.log_metrics, cfg.progress)
         summary = summarize(history)
-        finish_run(tracker, method, checkpoints, summary, sources)
+        finish_run(tracker, method, checkpoints, summary, history, sources)
     except BaseException as error:
         tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
@@ -104,17 +105,22 @@ def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
         "seed": str(cfg.seed),
     }
     commit = git_commit()
-    return tags | ({"mlflow.source.git.commit": commit} if commit else {})
+    return tags | ({"mlflow.source.git.commit": commit} if commit else {}) | sweep_tags(cfg.tracking)
 
 
-def finish_run(tracker: Tracker, method: Method, checkpoints: Checkpointer, summary: dict, sources: list[str]) -> None:
-    """Log the summary, the selected model's mask-overlap plots and both checkpoints; mark the run finished."""
+def finish_run(
+    tracker: Tracker, method: Method, checkpoints: Checkpointer, summary: dict, history: list[dict], sources: list[str]
+) -> None:
+    """Log the summary, the mask plots (selected model's overlaps, active units over epochs) and both checkpoints."""
     tracker.log_dict(summary, "summary.json")
     tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
     checkpoints.load_best(method)
     for layer, iou in method.mask_overlaps().items():
         figure = mask_overlap_figure(iou, sources, layer)
         tracker.log_figure(figure, f"masks/iou_{layer}.png")
+        plt.close(figure)
+        figure = active_units_figure(history, sources, layer)
+        tracker.log_figure(figure, f"masks/active_{layer}.png")
         plt.close(figure)
     tracker.log_artifact(checkpoints.best, "checkpoints")
     tracker.log_artifact(checkpoints.last, "checkpoints")

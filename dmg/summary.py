@@ -52,3 +52,15 @@ def mask_overlap_figure(iou: torch.Tensor, domains: list[str], layer: str):
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
     return figure
+
+
+def active_units_figure(history: list[Metrics], domains: list[str], layer: str):
+    """Fraction of active units (p > 0.5) of each source domain's mask over the epochs, for one masked layer."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    epochs = range(1, len(history) + 1)
+    for domain in domains:
+        axes.plot(epochs, [metrics[f"mask/{layer}/active/{domain}"] for metrics in history], marker=".", label=domain)
+    axes.set(xlabel="epoch", ylabel="active fraction", ylim=(0, 1.02), title=f"active units, layer {layer}")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
