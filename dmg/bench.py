@@ -1,7 +1,7 @@
 """Speed of each method on random data: training and evaluation images per second, and DMG's cost ratios.
 
     python -m dmg.bench --backbone alexnet --batch-size 64 --domains 3
-    python -m dmg.bench loader ...          # data-loading throughput (see dmg/data/throughput.py)
+    python -m dmg.bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
 
 Methods are built exactly as ``launch.py`` builds them, from the same configs.
 """
@@ -20,6 +20,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
+from dmg.data import throughput
 from dmg.experiment import build_method, resolve_device
 from dmg.methods.base import Method
 
@@ -80,12 +81,11 @@ def measure(methods: dict[str, Method], batch, device: torch.device, warmup: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["loader"]:
-        from dmg.data.throughput import main as loader_main
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.func(args)
 
-        return loader_main(argv[1:])
-    args = parse_args(argv)
+
+def bench_methods(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     shape = [args.channels, args.image_size, args.image_size]
@@ -100,17 +100,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``methods`` (the default command) or ``loader``."""
     parser = argparse.ArgumentParser(prog="python -m dmg.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="alexnet", help="a conf/backbone option (default: alexnet)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--domains", type=int, default=3, help="number of source domains")
-    parser.add_argument("--classes", type=int, default=7)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
+    commands = parser.add_subparsers()
+    methods = commands.add_parser("methods", help="train/eval images per second of every method (the default)")
+    methods.add_argument("--backbone", default="alexnet", help="a conf/backbone option (default: alexnet)")
+    methods.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    methods.add_argument("--batch-size", type=int, default=64)
+    methods.add_argument("--domains", type=int, default=3, help="number of source domains")
+    methods.add_argument("--classes", type=int, default=7)
+    methods.add_argument("--image-size", type=int, default=224)
+    methods.add_argument("--channels", type=int, default=3)
+    methods.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    methods.add_argument("--warmup", type=int, default=3)
+    methods.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
+    methods.set_defaults(func=bench_methods)
+    throughput.add_parser(commands)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["methods", *argv]
     return parser.parse_args(argv)
 
 

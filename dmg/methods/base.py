@@ -51,7 +51,7 @@ class Method(nn.Module):
     def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
         """One optimisation step on a batch; returns the loss terms."""
         terms = self.objective(x, y, d)
-        values = {name: value.item() for name, value in terms.items()}
+        values = dict(zip(terms, torch.stack([value.detach() for value in terms.values()]).tolist()))  # one sync
         if not torch.isfinite(terms["loss"]):
             raise NonFiniteLossError(self.steps + 1, values)
         for optimizer in self.optimizers.values():
