@@ -129,18 +129,18 @@ def table(frame: pd.DataFrame, metric: str, methods: list[str] | None = None) ->
 
 
 def mask_overlap(client: MlflowClient, frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method and masked layer: the mean hard-mask IoU between domains at the selected epoch, mean over runs."""
+    """Per dataset, backbone and method, per masked layer: the mean hard-mask IoU between domains at the selected
+    epoch (training-domain validation), averaged over runs. Methods without masks have no row."""
     rows = []
-    for run_id, method in zip(frame.run_id, frame.method):
-        selected = client.get_metric_history(run_id, "selected/val/acc_mean")[-1].step
-        keys = [key for key in client.get_run(run_id).data.metrics if key.startswith("mask/") and key.endswith("/iou_mean")]
+    for row in frame.itertuples():
+        selected = client.get_metric_history(row.run_id, "selected/val/acc_mean")[-1].step
+        keys = [key for key in client.get_run(row.run_id).data.metrics if key.startswith("mask/") and key.endswith("/iou_mean")]
         for key in keys:
-            history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
-            rows.append({"method": method, "layer": key.split("/")[1], "iou": history[selected]})
+            history = {m.step: m.value for m in client.get_metric_history(row.run_id, key)}
+            rows.append({"dataset": row.dataset, "backbone": row.backbone, "method": row.method, "layer": key.split("/")[1], "iou": history[selected]})
     if not rows:
         return pd.DataFrame()
-    overlap = pd.DataFrame(rows).groupby(["method", "layer"]).iou.agg(["mean", "std", "count"]).reset_index()
-    return overlap.pivot(index="method", columns="layer", values="mean")
+    return pd.DataFrame(rows).pivot_table(index=["dataset", "backbone", "method"], columns="layer", values="iou", aggfunc="mean")
 
 
 def format_cell(value: Cell) -> str:
@@ -211,9 +211,10 @@ def overlap_report(client: MlflowClient, frame: pd.DataFrame) -> str:
     overlap = mask_overlap(client, frame)
     if overlap.empty:
         return "no run logged mask overlaps\n"
-    lines = ["### mean hard-mask IoU between source domains at the selected epoch (mean over runs)", ""]
-    lines += ["| method | " + " | ".join(overlap.columns) + " |", "|" + "---|" * (len(overlap.columns) + 1)]
-    lines += [f"| {method} | " + " | ".join(f"{value:.3f}" for value in row) + " |" for method, row in overlap.iterrows()]
+    lines = ["### mean hard-mask IoU between source domains at the selected epoch (mean over runs), per masked layer", ""]
+    lines += ["| dataset | backbone | method | " + " | ".join(overlap.columns) + " |", "|" + "---|" * (len(overlap.columns) + 3)]
+    for names, row in overlap.iterrows():
+        lines.append("| " + " | ".join([*names, *(f"{value:.3f}" if value == value else MISSING for value in row)]) + " |")
     return "\n".join(lines) + "\n"
 
 

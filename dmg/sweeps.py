@@ -40,8 +40,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from dmg.errors import UserError
 
 log = logging.getLogger(__name__)
-# heartbeats and stale-trial retries are marked experimental in optuna 2.10 (the version hydra-optuna-sweeper pins)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
 
 FAILURE_ATTR = "failure"  # user attribute of a trial that failed on its own (not by a killed process)
 Condition = tuple[dict[str, Any], BaseDistribution]
@@ -111,11 +109,13 @@ class ResumableOptuna(OptunaSweeperImpl):
         """Load (or create) the study; a storage URL gets heartbeats and re-queues the trials of dead processes."""
         storage = self.storage
         if isinstance(storage, str):
+            with stable_enough():
+                retry = optuna.storages.RetryFailedTrialCallback()
             storage = optuna.storages.RDBStorage(
                 storage,
                 heartbeat_interval=self.heartbeat_interval,
                 grace_period=self.grace_period,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(),
+                failed_trial_callback=retry,
             )
         study = optuna.create_study(
             study_name=self.study_name, storage=storage, sampler=self.sampler, direction=self._get_directions()[0], load_if_exists=True
@@ -125,7 +125,8 @@ class ResumableOptuna(OptunaSweeperImpl):
 
     def batch_size(self, study: optuna.Study) -> int:
         """How many trials to start now: at most ``n_jobs``, and no more than the study still lacks."""
-        optuna.storages.fail_stale_trials(study)
+        with stable_enough():
+            optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(trial.state == TrialState.RUNNING for trial in trials)
         return max(0, min(self.n_jobs, self.n_trials - finished(trials) - running))
@@ -136,6 +137,14 @@ class ResumableOptuna(OptunaSweeperImpl):
         if not self.trial_key:
             return list(overrides)
         return [(*each, f"{self.trial_key}={describe(study.study_name, trial)}") for each, trial in zip(overrides, trials)]
+
+
+@contextmanager
+def stable_enough() -> Iterator[None]:
+    """Heartbeats and trial retries are marked experimental in optuna 2.10, the version hydra-optuna-sweeper pins."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def finished(trials: Sequence[FrozenTrial]) -> int:

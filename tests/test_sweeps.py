@@ -1,0 +1,210 @@
+"""Sweeps: the resumable Optuna sweeper (study in the storage, MLflow parent/child runs, best-params file, resume,
+failed and NaN trials) and the leave-one-domain-out multirun on submitit's local executor."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from dmg import report
+from dmg.errors import UserError
+from dmg.experiment import run
+from dmg.sweeps import SweepFailed, describe, expand_glob
+from tests.conftest import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset.builder.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false"]
+FAKE_APP = """
+defaults:
+  - override hydra/sweeper: dmg_optuna
+  - _self_
+x: 0.0
+tracking: {trial: null}
+hydra:
+  sweeper:
+    study_name: fake
+    params: {x: 'interval(0, 1)'}
+    heartbeat_interval: 1
+    grace_period: 1
+"""
+
+
+def load_study(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture
+def fake_sweep(tmp_path, hydra_sweep_runner):
+    """Run the dmg_optuna sweeper in-process on a one-parameter app whose task is ``task(trial_number, x)``."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "config.yaml").write_text(FAKE_APP)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+
+    def sweep(task, n_trials: int, *overrides: str) -> dict:
+        settings = ["hydra.job.chdir=false", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.sampler.seed=0"]
+        with hydra_sweep_runner(
+            calling_file=__file__, calling_module=None, task_function=lambda cfg: task(cfg.tracking.trial.number, cfg.x),
+            config_path=str(tmp_path / "app"), config_name="config", overrides=settings + list(overrides),
+            temp_dir=str(tmp_path / "multirun"),
+        ):
+            return OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
+
+    sweep.storage = storage
+    return sweep
+
+
+def test_trial_description_reads_back_through_hydras_override_parser():
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("mask", ["scalar"])
+    trial.suggest_float("mask.val", 0.25, 0.25)
+    trial.suggest_categorical("method.sparsity_lambda", [1e-05])
+    value = describe("it's", trial)
+    parsed = OverridesParser.create().parse_override("tracking.trial=" + value).value()
+    assert parsed == {"study": "it's", "number": 0, "params": {"mask": "scalar", "mask.val": 0.25, "method.sparsity_lambda": 1e-05}}
+
+
+def test_glob_over_a_config_group_becomes_a_choice_of_its_options():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        from hydra.core.global_hydra import GlobalHydra
+
+        options = GlobalHydra.instance().config_loader().get_group_options
+        assert expand_glob("mask=glob(*)", options) == "mask=choice(normal,random_uniform,scalar)"
+        assert expand_glob("mask=glob(*,exclude=normal)", options) == "mask=choice(random_uniform,scalar)"
+        assert expand_glob("method.overlap_lambda=choice(0,0.1)", options) == "method.overlap_lambda=choice(0,0.1)"
+
+
+def test_recipes_compose_with_their_sweeper_launcher_and_callbacks():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        search = compose("config", ["+sweep=dmg_search_lr", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        loo = compose("config", ["+sweep=leave_one_out", "method=aggregate"], return_hydra_config=True)
+    sweeper = search.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.dmg_sweeps.ResumableOptunaSweeper" and search.method.name == "dmg"
+    assert sweeper.study_name == "dmg-lr-rotated_mnist-small_cnn-rot30"
+    assert sweeper.storage == "sqlite:///optuna-dmg-lr-rotated_mnist-small_cnn-rot30.db"
+    assert {"method.overlap_lambda", "method.sparsity_lambda", "mask", "optim.lr", "optim.mask_lr"} == set(sweeper.params)
+    assert sweeper.conditional_params["mask.val"].when == {"mask": "scalar"}
+    assert set(search.hydra.callbacks) == {"tracking_store", "mlflow_parent_run"}
+    launcher = search.hydra.launcher
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 720)
+    assert loo.hydra.sweeper.params.seed == "0,1,2" and loo.method.name == "aggregate"
+
+
+def test_failed_and_nan_trials_are_recorded_as_failed_and_the_sweep_goes_on(fake_sweep):
+    def task(number, x):
+        if number == 1:
+            return math.nan
+        if number == 2:
+            raise UserError("bad input")
+        if number == 3:
+            raise RuntimeError("crash")
+        return x
+
+    results = fake_sweep(task, 5)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
+    assert [t.user_attrs.get("failure") for t in trials[1:4]] == ["the objective is nan", "UserError: bad input", "RuntimeError: crash"]
+    best = max((trials[0], trials[4]), key=lambda t: t.value)
+    assert results["best_trial"] == best.number and results["best_value"] == best.value
+    assert results["best_params"] == {"x": best.params["x"]} and results["trials"] == {"complete": 2, "fail": 3}
+
+
+def test_sweep_stops_after_too_many_failures_in_a_row(fake_sweep):
+    def task(number, x):
+        raise RuntimeError("every trial fails")
+
+    with pytest.raises(SweepFailed, match="the last 2 trials of study fake failed"):
+        fake_sweep(task, 10, "hydra.sweeper.max_consecutive_failures=2")
+    assert len(load_study(fake_sweep.storage, "fake").trials) == 2
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(fake_sweep):
+    calls = []
+
+    def interrupted(number, x):
+        calls.append((number, x))
+        if number == 1:
+            raise KeyboardInterrupt  # the sweep process dies while trial 1 runs
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        fake_sweep(interrupted, 3)
+    assert [t.state for t in load_study(fake_sweep.storage, "fake").trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    time.sleep(2.5)  # trial 1's heartbeat goes stale (grace period 1 s, SQLite clock in whole seconds)
+    first = list(calls)
+    calls.clear()
+    fake_sweep(lambda number, x: calls.append((number, x)) or x, 3)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [number for number, _ in calls] == [2, 3]  # trial 0 is not run again
+    assert calls[0][1] == first[1][1] and trials[2].system_attrs["failed_trial"] == 1  # trial 1 re-queued as is
+    fake_sweep(lambda number, x: calls.append((number, x)) or x, 3)
+    assert len(calls) == 2  # the study is complete: a rerun does nothing
+
+
+@pytest.mark.slow
+def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp_path, hydra_sweep_runner, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's default Optuna storage would land here
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = ["hydra.job.chdir=false", "+sweep=dmg_search", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}", "hydra.sweeper.sampler.seed=0"]
+    overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    with hydra_sweep_runner(
+        calling_file=__file__, calling_module=None, task_function=run, config_path=str(CONF_DIR),
+        config_name="config", overrides=overrides, temp_dir=str(tmp_path / "multirun"),
+    ):
+        results = OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
+    study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.trials[0].distributions["mask"].choices == ("normal", "random_uniform", "scalar")
+    for trial in study.trials:
+        assert ("mask.val" in trial.params) == (trial.params["mask"] == "scalar")  # sampled only where it applies
+    assert {t.params["mask"] for t in study.trials} == {"normal", "scalar"}  # seed 0 samples both branches
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("sweep") == "optuna"]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["trial"]))
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    for trial, child in zip(study.trials, children):
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == f"trial-{trial.number}"
+        assert {key: tags[f"trial.{key}"] for key in trial.params} == {key: str(value) for key, value in trial.params.items()}
+        assert child.data.params["method.overlap_lambda"] == str(trial.params["method.overlap_lambda"])
+        assert child.data.metrics["selected/val/acc_mean"] == trial.value  # the objective, not a target metric
+        assert {"masks/active_conv3.png", "masks/active_fc.png"} <= {a.path for a in client.list_artifacts(child.info.run_id, "masks")}
+
+    best = study.best_trial
+    assert results["best_trial"] == best.number and results["best_params"] == best.params and results["best_value"] == best.value
+    assert parent.data.metrics["best/selected/val/acc_mean"] == best.value
+    assert {key: parent.data.tags[f"best.{key}"] for key in best.params} == {k: str(v) for k, v in best.params.items()}
+    assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert not list(tmp_path.glob("optuna-*.db"))  # the storage override was honoured
+
+
+@pytest.mark.slow
+def test_leave_one_out_on_submitits_local_launcher_gives_one_finished_run_per_target(tmp_path, hydra_sweep_runner):
+    overrides = ["hydra.job.chdir=false", "+sweep=leave_one_out", "hydra/launcher=submitit_local", "method=aggregate"]
+    overrides += ["target=rot0,rot75", "seed=0", *TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    with hydra_sweep_runner(
+        calling_file=__file__, calling_module=None, task_function=run, config_path=str(CONF_DIR),
+        config_name="config", overrides=overrides, temp_dir=str(tmp_path / "multirun"),
+    ):
+        assert len(list((tmp_path / "multirun").glob(".submitit/*/*_result.pkl"))) == 2  # the jobs went through submitit
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
+    assert sorted(r.data.tags["target"] for r in runs) == ["rot0", "rot75"]
+    assert all(r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags for r in runs)
+
+    frame = report.run_frame(client, runs, report.SELECTIONS["validation"])
+    cells = report.table(frame, "ood")
+    for run_ in runs:
+        assert cells.loc["aggregate", run_.data.tags["target"]].mean == 100 * run_.data.metrics["selected/test/acc_mean"]
