@@ -120,7 +120,10 @@ class ResumableOptuna(OptunaSweeperImpl):
         study = optuna.create_study(
             study_name=self.study_name, storage=storage, sampler=self.sampler, direction=self._get_directions()[0], load_if_exists=True
         )
-        log.info("study %s: %d of %d trials finished", study.study_name, finished(study.get_trials(deepcopy=False)), self.n_trials)
+        trials = study.get_trials(deepcopy=False)
+        if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
+            self.sampler.reseed_rng()
+        log.info("study %s: %d of %d trials finished", study.study_name, finished(trials), self.n_trials)
         return study
 
     def batch_size(self, study: optuna.Study) -> int:

@@ -147,6 +147,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(fake_sweep)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert [number for number, _ in calls] == [2, 3]  # trial 0 is not run again
     assert calls[0][1] == first[1][1] and trials[2].system_attrs["failed_trial"] == 1  # trial 1 re-queued as is
+    assert calls[1][1] != first[0][1]  # the resumed sampler does not repeat its first suggestion
     fake_sweep(lambda number, x: calls.append((number, x)) or x, 3)
     assert len(calls) == 2  # the study is complete: a rerun does nothing
 
