@@ -18,6 +18,7 @@ and replaces its batch loop:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -70,6 +71,8 @@ class ResumableOptuna(OptunaSweeperImpl):
         results_file: str = "optimization_results.yaml",
     ) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params)
+        if isinstance(sampler, functools.partial):  # the grid sampler, built from the search space
+            raise UserError("for a grid use Hydra's basic sweeper (python launch.py -m name=a,b,c), not dmg_optuna")
         if len(self._get_directions()) != 1:
             raise UserError("dmg_optuna optimises one objective: give hydra.sweeper.direction one value")
         self.heartbeat_interval = heartbeat_interval
