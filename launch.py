@@ -1,7 +1,7 @@
 """The one entry point: compose the config with Hydra, run the experiment, return the metric to optimise.
 
-    python launch.py                                   # DMG on the embedded Rotated MNIST
-    python launch.py method=aggregate target=rot0 optim.lr=3e-4
+python launch.py                                   # DMG on the embedded Rotated MNIST
+python launch.py method=aggregate target=rot0 optim.lr=3e-4
 """
 
 import logging

@@ -33,7 +33,12 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def compose(backbone: str, method: str, input_shape: list[int], num_classes: int) -> DictConfig:
     """The config ``launch.py backbone=... method=...`` would use, for random inputs of ``input_shape``."""
-    overrides = [f"backbone={backbone}", f"method={method}", f"dataset.input_shape={input_shape}", f"dataset.num_classes={num_classes}"]
+    overrides = [
+        f"backbone={backbone}",
+        f"method={method}",
+        f"dataset.input_shape={input_shape}",
+        f"dataset.num_classes={num_classes}",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -63,7 +68,9 @@ def phases(method: Method, batch: tuple[torch.Tensor, ...]) -> dict[str, Callabl
     return {"train": train, "eval_in": lambda: predict(d), "eval_out": lambda: predict(None)}
 
 
-def measure(methods: dict[str, Method], batch, device: torch.device, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+def measure(
+    methods: dict[str, Method], batch, device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
     """Images per second of each method and phase: the median of ``repeats`` timings.
 
     The methods take turns within every round, so a change in machine load affects them alike.
@@ -77,7 +84,10 @@ def measure(methods: dict[str, Method], batch, device: torch.device, warmup: int
                 if round_ >= warmup:
                     timings[name][phase].append(seconds)
     size = len(batch[0])
-    return {name: {phase: size / statistics.median(t) for phase, t in by_phase.items()} for name, by_phase in timings.items()}
+    return {
+        name: {phase: size / statistics.median(t) for phase, t in by_phase.items()}
+        for name, by_phase in timings.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +105,10 @@ def bench_methods(args: argparse.Namespace) -> None:
         torch.arange(args.batch_size, device=device) % args.domains,
     )
     domains = [f"domain{i}" for i in range(args.domains)]
-    methods = {name: build_method(compose(args.backbone, name, shape, args.classes), domains).to(device) for name in args.methods}
+    methods = {
+        name: build_method(compose(args.backbone, name, shape, args.classes), domains).to(device)
+        for name in args.methods
+    }
     report(measure(methods, batch, device, args.warmup, args.repeats), args, device)
 
 

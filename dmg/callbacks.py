@@ -14,25 +14,13 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from dmg.tracking import experiment_id
+
 PARENT_RUN_ENV = "DMG_MLFLOW_PARENT_RUN"
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created (with the database) if needed; safe when another process creates it too."""
-    for _ in range(3):
-        experiment = client.get_experiment_by_name(name)
-        if experiment:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name)
-        except MlflowException:  # created meanwhile by another process
-            continue
-    raise RuntimeError(f"could not create MLflow experiment {name!r}")
 
 
 class TrackingStore(Callback):
@@ -78,7 +66,10 @@ class SweepParentRun(Callback):
             self.client.set_tag(self.run_id, f"best.{name}", str(value))
         self.client.set_tag(self.run_id, "best.trial", str(results["best_trial"]))
         finished = sum(count for state, count in results["trials"].items() if state != "running")
-        self.client.log_batch(self.run_id, metrics=[Metric(f"best/{self.objective}", results["best_value"], int(time.time() * 1000), finished)])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(f"best/{self.objective}", results["best_value"], int(time.time() * 1000), finished)],
+        )
         self.client.log_artifact(self.run_id, str(self.results_file))
         if not results["trials"].get("running"):  # other workers are still at it otherwise
             self.client.set_terminated(self.run_id, "FINISHED")

@@ -5,21 +5,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmg.data import DomainSplits, choose_domains
-from dmg.data.loading import make_loader
 from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
+from dmg.data import DomainSplits, choose_domains
+from dmg.data.loading import make_loader
 from dmg.errors import UserError
 from dmg.loop import Loaders, fit
 from dmg.methods.base import Method
 from dmg.models.staged import StagedNetwork
-from dmg.summary import active_units_figure, mask_overlap_figure, print_summary, summarize
+from dmg.summary import (
+    active_units_figure,
+    mask_overlap_figure,
+    print_summary,
+    summarize,
+)
 from dmg.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,13 @@ def run(cfg: DictConfig) -> float:
     splits = dataset.build(sources, targets)
     loaders = build_loaders(splits, cfg)
     tracker = Tracker.start(cfg, run_tags(cfg, targets), Path(cfg.checkpoint_dir))
-    log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting", tracker.run_id, sources, targets)
+    log.info(
+        "%s run %s: sources %s, targets %s",
+        "continuing" if tracker.resumed else "starting",
+        tracker.run_id,
+        sources,
+        targets,
+    )
     checkpoints = Checkpointer(tracker.directory)
     try:
         history = fit(method, loaders, cfg.epochs, cfg.seed, device, checkpoints, tracker.log_metrics, cfg.progress)
@@ -116,12 +126,8 @@ def finish_run(
     tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
     checkpoints.load_best(method)
     for layer, iou in method.mask_overlaps().items():
-        figure = mask_overlap_figure(iou, sources, layer)
-        tracker.log_figure(figure, f"masks/iou_{layer}.png")
-        plt.close(figure)
-        figure = active_units_figure(history, sources, layer)
-        tracker.log_figure(figure, f"masks/active_{layer}.png")
-        plt.close(figure)
+        tracker.log_figure(mask_overlap_figure(iou, sources, layer), f"masks/iou_{layer}.png")
+        tracker.log_figure(active_units_figure(history, sources, layer), f"masks/active_{layer}.png")
     tracker.log_artifact(checkpoints.best, "checkpoints")
     tracker.log_artifact(checkpoints.last, "checkpoints")
     tracker.finish()

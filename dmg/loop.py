@@ -62,7 +62,9 @@ def train_epoch(method: Method, loader: DataLoader, device: torch.device, label:
     totals: Metrics = {}
     bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for x, y, d in bar:
-        terms = method.update(x.to(device, non_blocking=True), y.to(device, non_blocking=True), d.to(device, non_blocking=True))
+        terms = method.update(
+            x.to(device, non_blocking=True), y.to(device, non_blocking=True), d.to(device, non_blocking=True)
+        )
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value
         bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)

@@ -1,7 +1,7 @@
 """Dataset preparation commands.
 
-    python -m dmg.prepare domainnet --root data/DomainNet                 # 90/10 split lists
-    python -m dmg.prepare domainnet --root data/DomainNet --pack encoded  # ... and packed HDF5 files
+python -m dmg.prepare domainnet --root data/DomainNet                 # 90/10 split lists
+python -m dmg.prepare domainnet --root data/DomainNet --pack encoded  # ... and packed HDF5 files
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ def domainnet(args: argparse.Namespace) -> None:
     packed_dir.mkdir(parents=True, exist_ok=True)
     for domain in args.domains:
         for split in ("train", "val", "test"):
-            result = pack_list(split_dir / f"{domain}_{split}.txt", root, packed_dir / f"{domain}_{split}.hdf5",
-                               args.pack, args.size, args.skip_bad_images)
+            result = pack_list(
+                split_dir / f"{domain}_{split}.txt",
+                root,
+                packed_dir / f"{domain}_{split}.hdf5",
+                args.pack,
+                args.size,
+                args.skip_bad_images,
+            )
             note = f", skipped {len(result.skipped)} undecodable" if result.skipped else ""
             print(f"{result.path}: {result.stored} images{note}")
 
@@ -46,10 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out for validation")
     dn.add_argument("--seed", type=int, default=0, help="the split is a function of this seed and the image paths")
     dn.add_argument("--split-dir", help="where the lists go (default ROOT/dmg_split)")
-    dn.add_argument("--pack", choices=["encoded", "rgb"], help="also pack each split into HDF5: file bytes or uint8 pixels")
+    dn.add_argument(
+        "--pack", choices=["encoded", "rgb"], help="also pack each split into HDF5: file bytes or uint8 pixels"
+    )
     dn.add_argument("--packed-dir", help="where packed files go (default ROOT/packed)")
     dn.add_argument("--size", type=int, default=256, help="side of the stored images with --pack rgb")
-    dn.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images instead of stopping")
+    dn.add_argument(
+        "--skip-bad-images", action="store_true", help="skip and count undecodable images instead of stopping"
+    )
     dn.set_defaults(func=domainnet)
     return parser
 

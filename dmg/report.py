@@ -76,7 +76,9 @@ def finished_runs(client: MlflowClient, experiments: list[str] | None, query: st
             return runs
 
 
-def run_frame(client: MlflowClient, runs: Iterable[Run], selection: Selection, sweep_trials: bool = False) -> pd.DataFrame:
+def run_frame(
+    client: MlflowClient, runs: Iterable[Run], selection: Selection, sweep_trials: bool = False
+) -> pd.DataFrame:
     """One row per training run: its tags and its selected accuracies in percent (sweep runs left out by default)."""
     rows = []
     for run in runs:
@@ -85,9 +87,15 @@ def run_frame(client: MlflowClient, runs: Iterable[Run], selection: Selection, s
         if tags.get("sweep") or (is_trial and not sweep_trials) or "selected/test/acc_mean" not in run.data.metrics:
             continue
         ood, ind = selection.accuracies(client, run)
-        rows.append({key: tags.get(key, "?") for key in RUN_KEY} | {
-            "run_id": run.info.run_id, "start_time": run.info.start_time, "ood": 100 * ood, "ind": 100 * ind,
-        })
+        rows.append(
+            {key: tags.get(key, "?") for key in RUN_KEY}
+            | {
+                "run_id": run.info.run_id,
+                "start_time": run.info.start_time,
+                "ood": 100 * ood,
+                "ind": 100 * ind,
+            }
+        )
     return pd.DataFrame(rows, columns=[*RUN_KEY, "run_id", "start_time", "ood", "ind"])
 
 
@@ -134,13 +142,27 @@ def mask_overlap(client: MlflowClient, frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for row in frame.itertuples():
         selected = client.get_metric_history(row.run_id, "selected/val/acc_mean")[-1].step
-        keys = [key for key in client.get_run(row.run_id).data.metrics if key.startswith("mask/") and key.endswith("/iou_mean")]
+        keys = [
+            key
+            for key in client.get_run(row.run_id).data.metrics
+            if key.startswith("mask/") and key.endswith("/iou_mean")
+        ]
         for key in keys:
             history = {m.step: m.value for m in client.get_metric_history(row.run_id, key)}
-            rows.append({"dataset": row.dataset, "backbone": row.backbone, "method": row.method, "layer": key.split("/")[1], "iou": history[selected]})
+            rows.append(
+                {
+                    "dataset": row.dataset,
+                    "backbone": row.backbone,
+                    "method": row.method,
+                    "layer": key.split("/")[1],
+                    "iou": history[selected],
+                }
+            )
     if not rows:
         return pd.DataFrame()
-    return pd.DataFrame(rows).pivot_table(index=["dataset", "backbone", "method"], columns="layer", values="iou", aggfunc="mean")
+    return pd.DataFrame(rows).pivot_table(
+        index=["dataset", "backbone", "method"], columns="layer", values="iou", aggfunc="mean"
+    )
 
 
 def format_cell(value: Cell) -> str:
@@ -172,9 +194,17 @@ def latex(cells: pd.DataFrame, title: str) -> str:
 def tidy(cells: pd.DataFrame, **labels: str) -> pd.DataFrame:
     """The table as CSV rows: one per method and column, with mean, std and seed counts as numbers."""
     rows = [
-        labels | {"method": method, "target": target, "mean": value.mean, "std": value.std, "seeds": value.seeds,
-                  "expected_seeds": value.expected}
-        for method, row in cells.iterrows() for target, value in row.items()
+        labels
+        | {
+            "method": method,
+            "target": target,
+            "mean": value.mean,
+            "std": value.std,
+            "seeds": value.seeds,
+            "expected_seeds": value.expected,
+        }
+        for method, row in cells.iterrows()
+        for target, value in row.items()
     ]
     return pd.DataFrame(rows)
 
@@ -195,7 +225,9 @@ def report(frame: pd.DataFrame, selection: Selection, style: str, methods: list[
             cells = table(group, metric, methods)
             title = f"{dataset}, {backbone}: {description}; model selection: {selection.label}; mean ± std over seeds {seeds}"
             if style == "csv":
-                records.append(tidy(cells, dataset=dataset, backbone=backbone, metric=metric, selection=selection.label))
+                records.append(
+                    tidy(cells, dataset=dataset, backbone=backbone, metric=metric, selection=selection.label)
+                )
             else:
                 parts.append(RENDER[style](cells, title))
     if style == "csv":
@@ -211,10 +243,18 @@ def overlap_report(client: MlflowClient, frame: pd.DataFrame) -> str:
     overlap = mask_overlap(client, frame)
     if overlap.empty:
         return "no run logged mask overlaps\n"
-    lines = ["### mean hard-mask IoU between source domains at the selected epoch (mean over runs), per masked layer", ""]
-    lines += ["| dataset | backbone | method | " + " | ".join(overlap.columns) + " |", "|" + "---|" * (len(overlap.columns) + 3)]
+    lines = [
+        "### mean hard-mask IoU between source domains at the selected epoch (mean over runs), per masked layer",
+        "",
+    ]
+    lines += [
+        "| dataset | backbone | method | " + " | ".join(overlap.columns) + " |",
+        "|" + "---|" * (len(overlap.columns) + 3),
+    ]
     for names, row in overlap.iterrows():
-        lines.append("| " + " | ".join([*names, *(f"{value:.3f}" if value == value else MISSING for value in row)]) + " |")
+        lines.append(
+            "| " + " | ".join([*names, *(f"{value:.3f}" if value == value else MISSING for value in row)]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -224,9 +264,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; default: all)")
     parser.add_argument("--method", action="append", help="keep these methods, rows in this order (repeatable)")
     parser.add_argument("--backbone", action="append", help="keep these backbones (repeatable)")
-    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="keep runs with this tag (repeatable)")
+    parser.add_argument(
+        "--tag", action="append", default=[], metavar="KEY=VALUE", help="keep runs with this tag (repeatable)"
+    )
     parser.add_argument("--filter", default="", help="an MLflow filter string, e.g. \"params.epochs = '150'\"")
-    parser.add_argument("--selection", choices=SELECTIONS, default="validation", help="model selection (default: validation)")
+    parser.add_argument(
+        "--selection", choices=SELECTIONS, default="validation", help="model selection (default: validation)"
+    )
     parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
     parser.add_argument("--include-sweep-trials", action="store_true", help="count the trial runs of Optuna sweeps too")
     parser.add_argument("--overlap", action="store_true", help="add the mean mask overlap (IoU) per method and layer")
@@ -244,7 +288,9 @@ def tag_query(args: argparse.Namespace) -> str:
 def wanted(run: Run, args: argparse.Namespace) -> bool:
     """Whether the run's method and backbone are among those asked for (all when none is)."""
     tags = run.data.tags
-    return all(not chosen or tags.get(key) in chosen for key, chosen in (("method", args.method), ("backbone", args.backbone)))
+    return all(
+        not chosen or tags.get(key) in chosen for key, chosen in (("method", args.method), ("backbone", args.backbone))
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: no finished run matches (check --tracking-uri, --experiment and the filters)")
     sys.stdout.write(report(frame, selection, args.format, args.method))
     if duplicates and args.format != "csv":
-        sys.stdout.write(f"\n{'% ' if args.format == 'latex' else ''}{duplicates} older run(s) of an already covered setting were ignored (the newest counts).\n")
+        sys.stdout.write(
+            f"\n{'% ' if args.format == 'latex' else ''}{duplicates} older run(s) of an already covered setting were ignored (the newest counts).\n"
+        )
     if args.overlap and args.format != "csv":
         sys.stdout.write("\n" + overlap_report(client, frame))
 

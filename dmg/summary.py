@@ -29,11 +29,16 @@ def summarize(history: list[Metrics]) -> dict[str, float]:
 
 def print_summary(summary: dict[str, float], sources: list[str], targets: list[str], title: str) -> None:
     """A table with one row per domain: in-domain (sources) or out-of-domain (targets) accuracy."""
-    table = Table(title=title, caption=f"selected epoch {summary['selected_epoch']} of {summary['epochs']} (best mean in-domain accuracy)")
+    table = Table(
+        title=title,
+        caption=f"selected epoch {summary['selected_epoch']} of {summary['epochs']} (best mean in-domain accuracy)",
+    )
     for column in ("domain", "role", "selected epoch", "last epoch"):
         table.add_column(column, justify="left" if column in ("domain", "role") else "right")
     rows = [(name, "source (val)", f"val/acc/{name}") for name in sources] + [("mean", "in-domain", "val/acc_mean")]
-    rows += [(name, "target (test)", f"test/acc/{name}") for name in targets] + [("mean", "out-of-domain", "test/acc_mean")]
+    rows += [(name, "target (test)", f"test/acc/{name}") for name in targets] + [
+        ("mean", "out-of-domain", "test/acc_mean")
+    ]
     for name, role, key in rows:
         table.add_row(name, role, f"{100 * summary[f'selected/{key}']:.2f}", f"{100 * summary[f'last/{key}']:.2f}")
     Console().print(table)

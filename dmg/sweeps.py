@@ -33,7 +33,10 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -70,7 +73,9 @@ class ResumableOptuna(OptunaSweeperImpl):
         trial_key: str | None = "tracking.trial",
         results_file: str = "optimization_results.yaml",
     ) -> None:
-        super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params)
+        super().__init__(
+            sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params
+        )
         if isinstance(sampler, functools.partial):  # the grid sampler, built from the search space
             raise UserError("for a grid use Hydra's basic sweeper (python launch.py -m name=a,b,c), not dmg_optuna")
         if len(self._get_directions()) != 1:
@@ -97,7 +102,9 @@ class ResumableOptuna(OptunaSweeperImpl):
             for trial, job in zip(trials, returns):
                 failures_in_a_row = 0 if record(study, trial, job) else failures_in_a_row + 1
             if failures_in_a_row >= self.max_consecutive_failures:
-                raise SweepFailed(f"the last {failures_in_a_row} trials of study {study.study_name} failed; see the log above")
+                raise SweepFailed(
+                    f"the last {failures_in_a_row} trials of study {study.study_name} failed; see the log above"
+                )
         save_results(study, self.results_file)
 
     def parse_search_space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
@@ -121,7 +128,11 @@ class ResumableOptuna(OptunaSweeperImpl):
                 failed_trial_callback=retry,
             )
         study = optuna.create_study(
-            study_name=self.study_name, storage=storage, sampler=self.sampler, direction=self._get_directions()[0], load_if_exists=True
+            study_name=self.study_name,
+            storage=storage,
+            sampler=self.sampler,
+            direction=self._get_directions()[0],
+            load_if_exists=True,
         )
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
@@ -137,12 +148,16 @@ class ResumableOptuna(OptunaSweeperImpl):
         running = sum(trial.state == TrialState.RUNNING for trial in trials)
         return max(0, min(self.n_jobs, self.n_trials - finished(trials) - running))
 
-    def trial_overrides(self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict) -> list[tuple[str, ...]]:
+    def trial_overrides(
+        self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict
+    ) -> list[tuple[str, ...]]:
         """Each trial's command-line overrides, plus its description under ``trial_key``."""
         overrides = self._configure_trials(trials, space, fixed)
         if not self.trial_key:
             return list(overrides)
-        return [(*each, f"{self.trial_key}={describe(study.study_name, trial)}") for each, trial in zip(overrides, trials)]
+        return [
+            (*each, f"{self.trial_key}={describe(study.study_name, trial)}") for each, trial in zip(overrides, trials)
+        ]
 
 
 @contextmanager
@@ -256,7 +271,9 @@ def parse_condition(name: str, spec: Mapping) -> Condition:
     """``{when: {mask: scalar}, values: interval(-1, 3)}``: the condition and the distribution to sample."""
     space, _ = create_params_from_overrides([f"{name}={spec['values']}"])
     if name not in space:
-        raise UserError(f"conditional parameter {name}: values must be a sweep such as interval(0, 1), got {spec['values']!r}")
+        raise UserError(
+            f"conditional parameter {name}: values must be a sweep such as interval(0, 1), got {spec['values']!r}"
+        )
     return dict(spec["when"]), space[name]
 
 

@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import matplotlib.pyplot
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
@@ -53,15 +55,15 @@ class Tracker:
     def start(cls, cfg: DictConfig, tags: dict[str, str], checkpoint_root: Path) -> Tracker:
         """Continue the interrupted run of this exact config (``resume=auto``) or start a new one."""
         client = MlflowClient(tracking_uri=cfg.tracking.uri)
-        experiment_id = _experiment_id(client, cfg.tracking.experiment)
+        experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
         if cfg.resume == "auto":
-            for run in _unfinished_runs(client, experiment_id, digest):
+            for run in _unfinished_runs(client, experiment, digest):
                 lock = RunLock(checkpoint_root / run.info.run_id)
                 if (lock.directory / "last.pt").exists() and lock.acquire():
                     client.update_run(run.info.run_id, status="RUNNING")
                     return cls(client, run.info.run_id, lock, resumed=True)
-        run = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags={**tags, "config_hash": digest})
+        run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags={**tags, "config_hash": digest})
         lock = RunLock(checkpoint_root / run.info.run_id)
         lock.acquire()
         tracker = cls(client, run.info.run_id, lock, resumed=False)
@@ -90,7 +92,10 @@ class Tracker:
         self.client.log_dict(self.run_id, content, name)
 
     def log_figure(self, figure, name: str) -> None:
+        """Log a matplotlib figure as an image and close it."""
         self.client.log_figure(self.run_id, figure, name)
+        figure.clear()
+        matplotlib.pyplot.close(figure)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -124,9 +129,17 @@ class RunLock:
             self._file = None
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created (with the database) if needed; safe when another process creates it too."""
+    for _ in range(3):
+        experiment = client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # created meanwhile by another process
+            continue
+    raise RuntimeError(f"could not create MLflow experiment {name!r}")
 
 
 def _unfinished_runs(client: MlflowClient, experiment_id: str, digest: str):

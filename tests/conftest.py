@@ -11,7 +11,13 @@ from omegaconf import DictConfig
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A fast run on the embedded data: 1,200 digits, a narrow CNN, few epochs.
-QUICK = ["dataset.builder.max_images=1200", "backbone=small_cnn", "backbone.network.width=8", "epochs=2", "progress=false"]
+QUICK = [
+    "dataset.builder.max_images=1200",
+    "backbone=small_cnn",
+    "backbone.network.width=8",
+    "epochs=2",
+    "progress=false",
+]
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

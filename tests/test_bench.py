@@ -6,8 +6,26 @@ from dmg.bench import main
 
 
 def test_bench_reports_every_method_and_the_dmg_ratios(capsys):
-    main(["--backbone", "small_cnn", "--image-size", "28", "--channels", "1", "--classes", "10",
-          "--batch-size", "16", "--warmup", "1", "--repeats", "2", "--device", "cpu"])
+    main(
+        [
+            "--backbone",
+            "small_cnn",
+            "--image-size",
+            "28",
+            "--channels",
+            "1",
+            "--classes",
+            "10",
+            "--batch-size",
+            "16",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     for method in ["aggregate", "multihead", "dmg"]:
         numbers = re.search(rf"^{method}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)

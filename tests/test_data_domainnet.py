@@ -22,7 +22,14 @@ from tests.conftest import compose_config
 
 DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 CLASSES = ["aircraft_carrier", "airplane", "alarm_clock"]
-TINY = ["backbone=small_cnn", "backbone.network.width=4", "dataset.image_size=16", "dataset.resize_size=16", "num_workers=0", "progress=false"]
+TINY = [
+    "backbone=small_cnn",
+    "backbone.network.width=4",
+    "dataset.image_size=16",
+    "dataset.resize_size=16",
+    "num_workers=0",
+    "progress=false",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,14 +66,20 @@ def test_split_depends_only_on_seed_and_paths():
     assert sorted(split_train_list(entries, 0.1, seed=1)[1]) != sorted(val)
     # pinned: the same on every machine, Python and torch version (SHA-256 of "seed:path")
     assert [path for path, _ in val] == [
-        "real/c0/img_008.jpg", "real/c0/img_018.jpg", "real/c1/img_008.jpg",
-        "real/c1/img_012.jpg", "real/c2/img_004.jpg", "real/c2/img_015.jpg",
+        "real/c0/img_008.jpg",
+        "real/c0/img_018.jpg",
+        "real/c1/img_008.jpg",
+        "real/c1/img_012.jpg",
+        "real/c2/img_004.jpg",
+        "real/c2/img_015.jpg",
     ]
 
 
 def test_prepare_command_writes_the_same_split_twice(tree, tmp_path):
     command = [sys.executable, "-m", "dmg.prepare", "domainnet", "--root", str(tree)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PYTHONHASHSEED": "1", "PATH": ""})
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PYTHONHASHSEED": "1", "PATH": ""}
+    )
     assert result.returncode == 0, result.stderr
     first = {path.name: path.read_text() for path in (tree / "dmg_split").glob("*.txt")}
     assert prepare.main(["domainnet", "--root", str(tree)]) == 0  # another process, another hash seed
@@ -81,7 +94,10 @@ def test_prepare_without_official_lists_says_where_to_get_them(tmp_path, capsys)
 
 
 def test_training_without_prepared_split_names_the_missing_file_and_the_command(tree):
-    with pytest.raises(UserError, match=r"folder .*dmg_split not found: expected clipart_train.txt, .*python -m dmg.prepare domainnet --root"):
+    with pytest.raises(
+        UserError,
+        match=r"folder .*dmg_split not found: expected clipart_train.txt, .*python -m dmg.prepare domainnet --root",
+    ):
         instantiate(domainnet(tree).dataset.builder).build(DOMAINS[:5], ["sketch"])
 
 
@@ -92,11 +108,15 @@ def test_packed_file_round_trip(tree, tmp_path, encoding):
     result = packing.pack_list(tree / "dmg_split/real_val.txt", tree, out, encoding, size=16, progress=False)
     names, labels = read_split_list(tree / "dmg_split/real_val.txt")
     assert result.stored == 3 and not out.with_name(out.name + ".partial").exists()
-    data = instantiate(domainnet(tree, "dataset.format=packed", f"dataset.packed_dir={tmp_path}").dataset.builder).open("real", "val", 2)
+    data = instantiate(domainnet(tree, "dataset.format=packed", f"dataset.packed_dir={tmp_path}").dataset.builder).open(
+        "real", "val", 2
+    )
     assert data.labels.tolist() == labels.tolist()
     for index, name in enumerate(names):
         original = np.asarray(read_image(str(tree / name)))
-        assert np.array_equal(np.asarray(data.read(index)), original)  # 16x16 files: rgb packing stores them as they are
+        assert np.array_equal(
+            np.asarray(data.read(index)), original
+        )  # 16x16 files: rgb packing stores them as they are
     with h5py.File(out) as file:
         assert file["images"].dtype != np.float32 and file.attrs["encoding"] == encoding
         assert [p.decode() for p in file["paths"][()]] == names
@@ -136,7 +156,9 @@ def test_packing_names_or_skips_an_undecodable_image(tree, tmp_path):
     bad.write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(UserError, match=f"cannot decode image {bad}"):
         packing.pack_list(tree / "dmg_split/real_val.txt", tree, tmp_path / "v.hdf5", progress=False)
-    result = packing.pack_list(tree / "dmg_split/real_val.txt", tree, tmp_path / "w.hdf5", skip_bad_images=True, progress=False)
+    result = packing.pack_list(
+        tree / "dmg_split/real_val.txt", tree, tmp_path / "w.hdf5", skip_bad_images=True, progress=False
+    )
     assert result.stored == 2 and result.skipped == [str(bad.relative_to(tree))]
 
 
@@ -145,8 +167,16 @@ def test_packing_names_or_skips_an_undecodable_image(tree, tmp_path):
 def test_one_epoch_end_to_end(tree, tmp_path, fmt):
     pack = ["--pack", "encoded"] if fmt == "packed" else []
     assert prepare.main(["domainnet", "--root", str(tree), *pack]) == 0
-    cfg = domainnet(tree, f"dataset.format={fmt}", "method=multihead", "target=sketch", "epochs=1", "batch_size=16",
-                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt")
+    cfg = domainnet(
+        tree,
+        f"dataset.format={fmt}",
+        "method=multihead",
+        "target=sketch",
+        "epochs=1",
+        "batch_size=16",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/ckpt",
+    )
     assert cfg.optim.scheduler_interval == "step" and cfg.epochs == 1
     value = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -47,7 +47,10 @@ def test_labels_follow_the_class_folders(root):
 
 def test_class_folders_must_agree_across_domains(root):
     (root / "b_dom" / "dog").rename(root / "b_dom" / "wolf")
-    with pytest.raises(UserError, match=r"class folders differ between domains: b_dom lacks \['dog'\] and has extra \['wolf'\] compared with a_dom"):
+    with pytest.raises(
+        UserError,
+        match=r"class folders differ between domains: b_dom lacks \['dog'\] and has extra \['wolf'\] compared with a_dom",
+    ):
         folder(root)[1].build(["a_dom", "b_dom"], ["c dom"])
 
 
@@ -64,14 +67,19 @@ def test_a_domain_with_no_images_is_named(root):
 
 
 def test_missing_root_and_missing_target_are_clear(tmp_path):
-    with pytest.raises(UserError, match=r"data folder .*absent not found: expected .*<domain>/<class>/<image>; put the images"):
+    with pytest.raises(
+        UserError, match=r"data folder .*absent not found: expected .*<domain>/<class>/<image>; put the images"
+    ):
         folder(tmp_path / "absent")[1].domains
     cfg = compose_config(["dataset=officehome", f"dataset.root={tmp_path}", *TINY])
     with pytest.raises(UserError, match=r"folder .* lacks Art, Clipart, Product, Real World; put the images"):
         instantiate(cfg.dataset.builder).build(["art", "clipart", "product"], ["real_world"])
 
 
-@pytest.mark.parametrize("name, classes, target", [("officehome", 65, "art"), ("vlcs", 5, "Caltech101"), ("terraincognita", 10, "location_100")])
+@pytest.mark.parametrize(
+    "name, classes, target",
+    [("officehome", 65, "art"), ("vlcs", 5, "Caltech101"), ("terraincognita", 10, "location_100")],
+)
 def test_named_configs(name, classes, target):
     cfg = compose_config([f"dataset={name}"])
     assert cfg.dataset.num_classes == classes and cfg.target == target and cfg.dataset.builder.holdout_fraction == 0.2
@@ -80,8 +88,15 @@ def test_named_configs(name, classes, target):
 
 @pytest.mark.slow
 def test_one_epoch_end_to_end(root, tmp_path):
-    cfg, _ = folder(root, "target=c dom", "method=aggregate", "epochs=1", "batch_size=8",
-                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt")
+    cfg, _ = folder(
+        root,
+        "target=c dom",
+        "method=aggregate",
+        "epochs=1",
+        "batch_size=8",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/ckpt",
+    )
     value = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (record,) = client.search_runs([client.get_experiment_by_name("imagefolder").experiment_id])

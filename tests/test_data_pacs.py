@@ -47,7 +47,9 @@ def test_hdf5_pixels_become_rgb_and_labels_start_at_zero(hdf5_root):
 
 def test_hdf5_protocol_train_val_of_sources_test_of_target(hdf5_root):
     splits = builder(hdf5_root).build(["art_painting", "photo"], ["sketch"])
-    assert len(splits.train) == 18 and [len(v) for v in splits.val.values()] == [3, 3] and len(splits.test["sketch"]) == 5
+    assert (
+        len(splits.train) == 18 and [len(v) for v in splits.val.values()] == [3, 3] and len(splits.test["sketch"]) == 5
+    )
     assert sorted({int(splits.train[i][2]) for i in range(18)}) == [0, 1]
     assert splits.val["photo"][0][2] == 1 and splits.num_classes == 7
 
@@ -74,10 +76,21 @@ def test_hdf5_train_transform_augments_and_eval_resizes(hdf5_root):
     "damage, message",
     [
         (lambda root: (root / "sketch_test.hdf5").unlink(), "folder .*PACS lacks sketch_test.hdf5; download the PACS"),
-        (lambda root: (root / "photo_val.hdf5").write_bytes((root / "photo_val.hdf5").read_bytes()[:3000]), "truncated"),
+        (
+            lambda root: (root / "photo_val.hdf5").write_bytes((root / "photo_val.hdf5").read_bytes()[:3000]),
+            "truncated",
+        ),
         (lambda root: _rewrite(root / "photo_train.hdf5", labels=None), "lacks the dataset.s. labels"),
-        (lambda root: _rewrite(root / "photo_train.hdf5", labels=np.array([1, 2, 8] * 3)), "label 8 .* outside the class range 1..7"),
-        (lambda root: _rewrite(root / "photo_train.hdf5", images=np.zeros((0, 40, 40, 3), np.uint8), labels=np.zeros(0)), "no images: domain photo"),
+        (
+            lambda root: _rewrite(root / "photo_train.hdf5", labels=np.array([1, 2, 8] * 3)),
+            "label 8 .* outside the class range 1..7",
+        ),
+        (
+            lambda root: _rewrite(
+                root / "photo_train.hdf5", images=np.zeros((0, 40, 40, 3), np.uint8), labels=np.zeros(0)
+            ),
+            "no images: domain photo",
+        ),
     ],
     ids=["file-missing", "truncated", "no-labels", "label-range", "empty-domain"],
 )
@@ -89,7 +102,9 @@ def test_hdf5_bad_inputs_give_one_line_errors(hdf5_root, damage, message):
 
 
 def test_missing_data_root_says_what_was_expected_and_how_to_get_it(tmp_path):
-    with pytest.raises(UserError, match=r"folder .*nowhere not found: expected art_painting_train.hdf5.*PACS project page"):
+    with pytest.raises(
+        UserError, match=r"folder .*nowhere not found: expected art_painting_train.hdf5.*PACS project page"
+    ):
         builder(tmp_path / "nowhere").build(DOMAINS[:3], ["sketch"])
 
 
@@ -168,8 +183,16 @@ def test_unknown_format_is_a_clear_error(tmp_path):
 def test_one_epoch_end_to_end(tmp_path, hdf5_root, fmt):
     if fmt == "kfold":
         write_pacs_kfold(hdf5_root, DOMAINS, CLASSES, per_class=2)
-    cfg = pacs(hdf5_root, f"dataset.format={fmt}", "method=dmg", "target=sketch", "epochs=1", "batch_size=8",
-               f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt")
+    cfg = pacs(
+        hdf5_root,
+        f"dataset.format={fmt}",
+        "method=dmg",
+        "target=sketch",
+        "epochs=1",
+        "batch_size=8",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/ckpt",
+    )
     assert cfg.backbone.name == "small_cnn" and cfg.optim.lr == 1e-4
     value = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -11,21 +11,42 @@ from tests.conftest import compose_config
 
 EPOCHS = {("pacs", "aggregate"): 100, ("pacs", "multihead"): 100, ("pacs", "dmg"): 150}
 EPOCHS |= {("domainnet", method): 50 for method in ("aggregate", "multihead", "dmg")}
-MASKED = {"alexnet": ["classifier.1", "classifier.4", "classifier.6"], "resnet18": ["layer3", "layer4", "fc"], "resnet50": ["layer3", "layer4", "fc"]}
+MASKED = {
+    "alexnet": ["classifier.1", "classifier.4", "classifier.6"],
+    "resnet18": ["layer3", "layer4", "fc"],
+    "resnet50": ["layer3", "layer4", "fc"],
+}
 SPLIT = {"alexnet": "classifier.6", "resnet18": "fc", "resnet50": "fc"}
-COMBOS = list(itertools.product(["pacs", "domainnet"], ["alexnet", "resnet18", "resnet50"], ["aggregate", "multihead", "dmg"]))
+COMBOS = list(
+    itertools.product(["pacs", "domainnet"], ["alexnet", "resnet18", "resnet50"], ["aggregate", "multihead", "dmg"])
+)
 
 
 @pytest.mark.parametrize("dataset, backbone, method", COMBOS, ids=["-".join(c) for c in COMBOS])
 def test_recipe(dataset, backbone, method):
-    cfg = compose_config([f"dataset={dataset}", f"backbone={backbone}", f"method={method}", "target=photo" if dataset == "pacs" else "target=real"])
+    cfg = compose_config(
+        [
+            f"dataset={dataset}",
+            f"backbone={backbone}",
+            f"method={method}",
+            "target=photo" if dataset == "pacs" else "target=real",
+        ]
+    )
     assert cfg.epochs == EPOCHS[dataset, method] and cfg.batch_size == 64 and cfg.backbone.pretrained is True
-    assert cfg.optim.lr == 1e-4 and cfg.optim.mask_lr == 1e-4 and cfg.optim.weight_decay == (1e-5 if dataset == "pacs" else 0.0)
+    assert (
+        cfg.optim.lr == 1e-4
+        and cfg.optim.mask_lr == 1e-4
+        and cfg.optim.weight_decay == (1e-5 if dataset == "pacs" else 0.0)
+    )
     assert cfg.optim.scheduler_interval == ("epoch" if dataset == "pacs" else "step")
     assert cfg.backbone.mask_layers == MASKED[backbone] and cfg.backbone.split_layer == SPLIT[backbone]
     assert cfg.method.classifier_init_std == (None if method == "dmg" else 0.001)
     if method == "dmg":
-        assert cfg.method.overlap_lambda == 0.1 and cfg.method.sparsity_lambda == 0.0 and cfg.mask._target_ == "torch.nn.init.uniform_"
+        assert (
+            cfg.method.overlap_lambda == 0.1
+            and cfg.method.sparsity_lambda == 0.0
+            and cfg.mask._target_ == "torch.nn.init.uniform_"
+        )
     assert tuple(cfg.dataset.input_shape) == (3, 224, 224)
 
 
@@ -66,4 +87,6 @@ def test_transforms_give_normalised_224_images(dataset):
     image = Image.new("RGB", (300, 227), (124, 116, 104))  # about the ImageNet mean
     for name in ("train", "eval"):
         x = transforms[name](image)
-        assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and x.abs().max() < (1.0 if name == "eval" else 3.0)
+        assert (
+            x.shape == (3, 224, 224) and x.dtype == torch.float32 and x.abs().max() < (1.0 if name == "eval" else 3.0)
+        )

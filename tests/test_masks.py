@@ -8,7 +8,14 @@ from torch import nn
 
 from dmg.errors import UserError
 from dmg.models.backbones import alexnet, small_cnn
-from dmg.models.masks import DomainMask, MaskedNetwork, greedy, mean_over_pairs, sample_straight_through, soft_iou
+from dmg.models.masks import (
+    DomainMask,
+    MaskedNetwork,
+    greedy,
+    mean_over_pairs,
+    sample_straight_through,
+    soft_iou,
+)
 from dmg.models.staged import StagedNetwork
 
 

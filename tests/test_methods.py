@@ -15,7 +15,12 @@ from dmg.models import backbones
 DOMAINS = ["a", "b", "c"]
 BACKBONES = {
     "small_cnn": (partial(backbones.small_cnn, 5, 1, width=4), (1, 28, 28), ["conv3", "fc"], "fc"),
-    "alexnet": (partial(backbones.alexnet, 5), (3, 64, 64), ["classifier.1", "classifier.4", "classifier.6"], "classifier.6"),
+    "alexnet": (
+        partial(backbones.alexnet, 5),
+        (3, 64, 64),
+        ["classifier.1", "classifier.4", "classifier.6"],
+        "classifier.6",
+    ),
     "resnet18": (partial(backbones.resnet, 18, 5), (3, 32, 32), ["layer3", "layer4", "fc"], "fc"),
     "resnet50": (partial(backbones.resnet, 50, 5), (3, 32, 32), ["layer3", "layer4", "fc"], "fc"),
 }
@@ -29,7 +34,9 @@ def make_method(name: str, backbone: str, **options):
         return Aggregate(**common, **options)
     if name == "multihead":
         return MultiHead(**common, split_layer=split_layer, **options)
-    return DMG(**common, mask_layers=mask_layers, mask_init=nn.init.ones_, input_shape=shape, mask_optimizer=adam, **options)
+    return DMG(
+        **common, mask_layers=mask_layers, mask_init=nn.init.ones_, input_shape=shape, mask_optimizer=adam, **options
+    )
 
 
 def batch(backbone: str, size: int = 6):
@@ -47,7 +54,9 @@ def test_method_updates_parameters_and_predicts_with_right_shapes(name, backbone
     method.train()
     terms = method.update(x, y, d)
     assert terms["loss"] > 0
-    changed = [key for key, value in method.state_dict().items() if key in before and not torch.equal(before[key], value)]
+    changed = [
+        key for key, value in method.state_dict().items() if key in before and not torch.equal(before[key], value)
+    ]
     assert any(key.endswith(("fc.weight", "classifier_6.weight")) for key in changed)
     method.eval()
     with torch.no_grad():

@@ -31,8 +31,15 @@ def log_run(client, experiment, method, target, seed, test, val, status="FINISHE
     selected = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
     metrics = [Metric("test/acc_mean", t, 0, epoch) for epoch, t in enumerate(test, 1)]
     metrics += [Metric("val/acc_mean", v, 0, epoch) for epoch, v in enumerate(val, 1)]
-    metrics += [Metric("mask/fc/iou_mean", 0.1 * epoch, 0, epoch) for epoch in range(1, len(test) + 1)] if method == "dmg" else []
-    metrics += [Metric("selected/test/acc_mean", test[selected - 1], 0, selected), Metric("selected/val/acc_mean", val[selected - 1], 0, selected)]
+    metrics += (
+        [Metric("mask/fc/iou_mean", 0.1 * epoch, 0, epoch) for epoch in range(1, len(test) + 1)]
+        if method == "dmg"
+        else []
+    )
+    metrics += [
+        Metric("selected/test/acc_mean", test[selected - 1], 0, selected),
+        Metric("selected/val/acc_mean", val[selected - 1], 0, selected),
+    ]
     client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id, status)
     return run_id
@@ -54,7 +61,9 @@ def tracked(tmp_path_factory):
         log_run(client, experiment, method, target, seed, test, val)
     log_run(client, experiment, "dmg", "rot75", "2", [0.9] * 3, [0.9] * 3, status="FAILED")
     parent = client.create_run(experiment, tags={"sweep": "optuna", "study": "s"}).info.run_id
-    log_run(client, experiment, "dmg", "rot75", "2", [0.9] * 3, [0.9] * 3, **{"mlflow.parentRunId": parent, "trial": "0"})
+    log_run(
+        client, experiment, "dmg", "rot75", "2", [0.9] * 3, [0.9] * 3, **{"mlflow.parentRunId": parent, "trial": "0"}
+    )
     log_run(client, experiment, "dmg", "rot0", "0", [0.2] * 3, [0.2] * 3, backbone="resnet18")
     return uri
 
@@ -72,21 +81,50 @@ def test_table_is_mean_and_std_over_seeds_and_says_what_is_missing(tracked, caps
         f"| {statistics.mean(dmg_rot75):.2f} ± {statistics.stdev(dmg_rot75):.2f} [2/3 seeds] "
         f"| {statistics.mean(dmg_avg):.2f} ± {statistics.stdev(dmg_avg):.2f} [2/3 seeds] |"
     )
-    expected_aggregate = f"| aggregate | {statistics.mean(agg_rot0):.2f} ± {statistics.stdev(agg_rot0):.2f} | missing | missing |"
+    expected_aggregate = (
+        f"| aggregate | {statistics.mean(agg_rot0):.2f} ± {statistics.stdev(agg_rot0):.2f} | missing | missing |"
+    )
     ood_table = out.split("### ")[1]
     assert "out-of-domain" in ood_table and "training-domain validation" in ood_table and "seeds 0, 1, 2" in ood_table
     assert "| method | rot0 | rot75 | Avg |" in ood_table
     assert expected_dmg in ood_table and expected_aggregate in ood_table
     ind = [selected(*HISTORY["aggregate", "rot0", seed])[1] for seed in "012"]
-    assert f"| aggregate | {statistics.mean(ind):.2f} ± {statistics.stdev(ind):.2f} | missing | missing |" in out.split("### ")[2]
+    assert (
+        f"| aggregate | {statistics.mean(ind):.2f} ± {statistics.stdev(ind):.2f} | missing | missing |"
+        in out.split("### ")[2]
+    )
     assert "resnet18" not in out and "1 older run(s)" in out
 
 
 def test_oracle_selection_takes_each_runs_best_target_epoch_and_says_so(tracked, capsys):
-    report.main(["--tracking-uri", tracked, "--selection", "oracle", "--method", "dmg", "--tag", "backbone=small_cnn", "--format", "csv"])
+    report.main(
+        [
+            "--tracking-uri",
+            tracked,
+            "--selection",
+            "oracle",
+            "--method",
+            "dmg",
+            "--tag",
+            "backbone=small_cnn",
+            "--format",
+            "csv",
+        ]
+    )
     rows = [line.split(",") for line in capsys.readouterr().out.strip().splitlines()]
     header, rows = rows[0], [dict(zip(rows[0], row)) for row in rows[1:]]
-    assert header == ["dataset", "backbone", "metric", "selection", "method", "target", "mean", "std", "seeds", "expected_seeds"]
+    assert header == [
+        "dataset",
+        "backbone",
+        "metric",
+        "selection",
+        "method",
+        "target",
+        "mean",
+        "std",
+        "seeds",
+        "expected_seeds",
+    ]
     cell = next(row for row in rows if row["metric"] == "ood" and row["target"] == "rot0")
     best = [100 * max(HISTORY["dmg", "rot0", seed][0]) for seed in "012"]
     assert float(cell["mean"]) == pytest.approx(statistics.mean(best), abs=1e-4)
@@ -96,20 +134,39 @@ def test_oracle_selection_takes_each_runs_best_target_epoch_and_says_so(tracked,
 
 
 def test_latex_output_and_mask_overlap_per_method(tracked, capsys):
-    report.main(["--tracking-uri", tracked, "--experiment", "rotated_mnist", "--backbone", "small_cnn", "--format", "latex"])
+    report.main(
+        ["--tracking-uri", tracked, "--experiment", "rotated_mnist", "--backbone", "small_cnn", "--format", "latex"]
+    )
     out = capsys.readouterr().out
     assert r"\begin{tabular}{lccc}" in out and r"$\pm$" in out and "method & rot0 & rot75 & Avg" in out
     report.main(["--tracking-uri", tracked, "--backbone", "small_cnn", "--method", "dmg", "--overlap"])
     overlap = capsys.readouterr().out.split("mean hard-mask IoU")[1]
     # the fc IoU logged at each dmg run's selected epoch (0.1 * epoch), averaged over the runs
-    epochs = [max(range(3), key=lambda i: (val[i], -i)) + 1 for (method, _, _), (_, val) in HISTORY.items() if method == "dmg"]
+    epochs = [
+        max(range(3), key=lambda i: (val[i], -i)) + 1 for (method, _, _), (_, val) in HISTORY.items() if method == "dmg"
+    ]
     assert f"| rotated_mnist | small_cnn | dmg | {statistics.mean(0.1 * epoch for epoch in epochs):.3f} |" in overlap
 
 
 def test_sweep_trials_count_only_when_asked_and_bad_filters_say_why(tracked, capsys):
-    report.main(["--tracking-uri", tracked, "--backbone", "small_cnn", "--method", "dmg", "--include-sweep-trials", "--format", "csv"])
+    report.main(
+        [
+            "--tracking-uri",
+            tracked,
+            "--backbone",
+            "small_cnn",
+            "--method",
+            "dmg",
+            "--include-sweep-trials",
+            "--format",
+            "csv",
+        ]
+    )
     rows = capsys.readouterr().out.splitlines()
-    assert any(row.startswith("rotated_mnist,small_cnn,ood,training-domain validation,dmg,rot75,") and row.endswith(",3,3") for row in rows)
+    assert any(
+        row.startswith("rotated_mnist,small_cnn,ood,training-domain validation,dmg,rot75,") and row.endswith(",3,3")
+        for row in rows
+    )
     with pytest.raises(SystemExit, match="no MLflow experiment named pacs"):
         report.main(["--tracking-uri", tracked, "--experiment", "pacs"])
     with pytest.raises(SystemExit, match="no finished run matches"):

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from dmg import checkpoints
 from dmg.errors import NonFiniteLossError, UserError
-from dmg.methods.aggregate import Aggregate
 from dmg.experiment import run
+from dmg.methods.aggregate import Aggregate
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,11 @@ def epoch_metrics(client, run_id, key):
 @pytest.mark.slow
 def test_launch_py_trains_and_logs_everything_to_mlflow(tmp_path):
     command = [sys.executable, "launch.py", "dataset.builder.max_images=1200", "backbone.network.width=8", "epochs=2"]
-    command += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out"]
+    command += [
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/ckpt",
+        f"hydra.run.dir={tmp_path}/out",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "out-of-domain" in result.stdout  # the summary table
@@ -44,9 +48,19 @@ def test_launch_py_trains_and_logs_everything_to_mlflow(tmp_path):
     assert run_.data.tags["backbone"] == "small_cnn" and run_.data.tags["dataset"] == "rotated_mnist"
     assert run_.data.params["method.overlap_lambda"] == "0.1"
     assert run_.data.params["optim.network.target"] == "torch.optim.Adam"
-    for key in ["val/acc/rot0", "val/acc_mean", "test/acc/rot30", "train/loss", "train/overlap", "mask/fc/iou_mean", "mask/conv3/active/rot0"]:
+    for key in [
+        "val/acc/rot0",
+        "val/acc_mean",
+        "test/acc/rot30",
+        "train/loss",
+        "train/overlap",
+        "mask/fc/iou_mean",
+        "mask/conv3/active/rot0",
+    ]:
         assert [step for step, _ in epoch_metrics(client, run_.info.run_id, key)] == [1, 2], key
-    artifacts = {a.path for folder in ["", "checkpoints", "masks"] for a in client.list_artifacts(run_.info.run_id, folder)}
+    artifacts = {
+        a.path for folder in ["", "checkpoints", "masks"] for a in client.list_artifacts(run_.info.run_id, folder)
+    }
     assert {"config.yaml", "summary.json", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
     assert {"masks/iou_conv3.png", "masks/iou_fc.png"} <= artifacts
     summary = json.loads(Path(client.download_artifacts(run_.info.run_id, "summary.json", str(tmp_path))).read_text())
@@ -102,7 +116,10 @@ def test_finished_run_is_not_resumed(quick_config, tmp_path):
         (["target=rot90"], "unknown domain 'rot90': this dataset's domains are rot0, rot15"),
         (["target=rot30", "sources=[rot0,rot30]"], "rot30 also listed as source"),
         (["backbone.mask_layers=[conv9]"], "unknown layer 'conv9': this backbone's layers are conv1, pool1"),
-        (["backbone=resnet18", "backbone.weights=/nonexistent/resnet18.pth"], "weights file /nonexistent/resnet18.pth not found"),
+        (
+            ["backbone=resnet18", "backbone.weights=/nonexistent/resnet18.pth"],
+            "weights file /nonexistent/resnet18.pth not found",
+        ),
         (["epochs=0"], "epochs must be a positive integer"),
         (["optim.lr=-1"], "bad method config: Invalid learning rate: -1"),
     ],
@@ -132,7 +149,13 @@ def test_non_finite_loss_keeps_last_good_checkpoint_and_fails_the_run(quick_conf
 
 @pytest.mark.slow
 def test_launch_py_reports_bad_input_on_one_line_with_nonzero_exit(tmp_path):
-    command = [sys.executable, "launch.py", "target=rot90", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path}/out"]
+    command = [
+        sys.executable,
+        "launch.py",
+        "target=rot90",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.run.dir={tmp_path}/out",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "error" in line.lower()]

@@ -50,10 +50,19 @@ def fake_sweep(tmp_path, hydra_sweep_runner):
     storage = f"sqlite:///{tmp_path}/optuna.db"
 
     def sweep(task, n_trials: int, *overrides: str) -> dict:
-        settings = ["hydra.job.chdir=false", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.sampler.seed=0"]
+        settings = [
+            "hydra.job.chdir=false",
+            f"hydra.sweeper.storage={storage}",
+            f"hydra.sweeper.n_trials={n_trials}",
+            "hydra.sweeper.sampler.seed=0",
+        ]
         with hydra_sweep_runner(
-            calling_file=__file__, calling_module=None, task_function=lambda cfg: task(cfg.tracking.trial.number, cfg.x),
-            config_path=str(tmp_path / "app"), config_name="config", overrides=settings + list(overrides),
+            calling_file=__file__,
+            calling_module=None,
+            task_function=lambda cfg: task(cfg.tracking.trial.number, cfg.x),
+            config_path=str(tmp_path / "app"),
+            config_name="config",
+            overrides=settings + list(overrides),
             temp_dir=str(tmp_path / "multirun"),
         ):
             return OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
@@ -70,7 +79,11 @@ def test_trial_description_reads_back_through_hydras_override_parser():
     trial.suggest_categorical("method.sparsity_lambda", [1e-05])
     value = describe("it's", trial)
     parsed = OverridesParser.create().parse_override("tracking.trial=" + value).value()
-    assert parsed == {"study": "it's", "number": 0, "params": {"mask": "scalar", "mask.val": 0.25, "method.sparsity_lambda": 1e-05}}
+    assert parsed == {
+        "study": "it's",
+        "number": 0,
+        "params": {"mask": "scalar", "mask.val": 0.25, "method.sparsity_lambda": 1e-05},
+    }
 
 
 def test_glob_over_a_config_group_becomes_a_choice_of_its_options():
@@ -85,13 +98,19 @@ def test_glob_over_a_config_group_becomes_a_choice_of_its_options():
 
 def test_recipes_compose_with_their_sweeper_launcher_and_callbacks():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        search = compose("config", ["+sweep=dmg_search_lr", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        search = compose(
+            "config",
+            ["+sweep=dmg_search_lr", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
         loo = compose("config", ["+sweep=leave_one_out", "method=aggregate"], return_hydra_config=True)
     sweeper = search.hydra.sweeper
     assert sweeper._target_ == "hydra_plugins.dmg_sweeps.ResumableOptunaSweeper" and search.method.name == "dmg"
     assert sweeper.study_name == "dmg-lr-rotated_mnist-small_cnn-rot30"
     assert sweeper.storage == "sqlite:///optuna-dmg-lr-rotated_mnist-small_cnn-rot30.db"
-    assert {"method.overlap_lambda", "method.sparsity_lambda", "mask", "optim.lr", "optim.mask_lr"} == set(sweeper.params)
+    assert {"method.overlap_lambda", "method.sparsity_lambda", "mask", "optim.lr", "optim.mask_lr"} == set(
+        sweeper.params
+    )
     assert sweeper.conditional_params["mask.val"].when == {"mask": "scalar"}
     assert set(search.hydra.callbacks) == {"tracking_store", "mlflow_parent_run"}
     launcher = search.hydra.launcher
@@ -112,7 +131,11 @@ def test_failed_and_nan_trials_are_recorded_as_failed_and_the_sweep_goes_on(fake
     results = fake_sweep(task, 5)
     trials = load_study(fake_sweep.storage, "fake").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
-    assert [t.user_attrs.get("failure") for t in trials[1:4]] == ["the objective is nan", "UserError: bad input", "RuntimeError: crash"]
+    assert [t.user_attrs.get("failure") for t in trials[1:4]] == [
+        "the objective is nan",
+        "UserError: bad input",
+        "RuntimeError: crash",
+    ]
     best = max((trials[0], trials[4]), key=lambda t: t.value)
     assert results["best_trial"] == best.number and results["best_value"] == best.value
     assert results["best_params"] == {"x": best.params["x"]} and results["trials"] == {"complete": 2, "fail": 3}
@@ -156,11 +179,22 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(fake_sweep)
 def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp_path, hydra_sweep_runner, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipe's default Optuna storage would land here
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    overrides = ["hydra.job.chdir=false", "+sweep=dmg_search", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}", "hydra.sweeper.sampler.seed=0"]
+    overrides = [
+        "hydra.job.chdir=false",
+        "+sweep=dmg_search",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.sampler.seed=0",
+    ]
     overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
     with hydra_sweep_runner(
-        calling_file=__file__, calling_module=None, task_function=run, config_path=str(CONF_DIR),
-        config_name="config", overrides=overrides, temp_dir=str(tmp_path / "multirun"),
+        calling_file=__file__,
+        calling_module=None,
+        task_function=run,
+        config_path=str(CONF_DIR),
+        config_name="config",
+        overrides=overrides,
+        temp_dir=str(tmp_path / "multirun"),
     ):
         results = OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
     study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
@@ -178,13 +212,21 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
     for trial, child in zip(study.trials, children):
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == f"trial-{trial.number}"
-        assert {key: tags[f"trial.{key}"] for key in trial.params} == {key: str(value) for key, value in trial.params.items()}
+        assert {key: tags[f"trial.{key}"] for key in trial.params} == {
+            key: str(value) for key, value in trial.params.items()
+        }
         assert child.data.params["method.overlap_lambda"] == str(trial.params["method.overlap_lambda"])
         assert child.data.metrics["selected/val/acc_mean"] == trial.value  # the objective, not a target metric
-        assert {"masks/active_conv3.png", "masks/active_fc.png"} <= {a.path for a in client.list_artifacts(child.info.run_id, "masks")}
+        assert {"masks/active_conv3.png", "masks/active_fc.png"} <= {
+            a.path for a in client.list_artifacts(child.info.run_id, "masks")
+        }
 
     best = study.best_trial
-    assert results["best_trial"] == best.number and results["best_params"] == best.params and results["best_value"] == best.value
+    assert (
+        results["best_trial"] == best.number
+        and results["best_params"] == best.params
+        and results["best_value"] == best.value
+    )
     assert parent.data.metrics["best/selected/val/acc_mean"] == best.value
     assert {key: parent.data.tags[f"best.{key}"] for key in best.params} == {k: str(v) for k, v in best.params.items()}
     assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -194,12 +236,25 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
 @pytest.mark.slow
 def test_leave_one_out_on_submitits_local_launcher_gives_one_finished_run_per_target(tmp_path, hydra_sweep_runner):
     overrides = ["hydra.job.chdir=false", "+sweep=leave_one_out", "hydra/launcher=submitit_local", "method=aggregate"]
-    overrides += ["target=rot0,rot75", "seed=0", *TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    overrides += [
+        "target=rot0,rot75",
+        "seed=0",
+        *TINY,
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/ckpt",
+    ]
     with hydra_sweep_runner(
-        calling_file=__file__, calling_module=None, task_function=run, config_path=str(CONF_DIR),
-        config_name="config", overrides=overrides, temp_dir=str(tmp_path / "multirun"),
+        calling_file=__file__,
+        calling_module=None,
+        task_function=run,
+        config_path=str(CONF_DIR),
+        config_name="config",
+        overrides=overrides,
+        temp_dir=str(tmp_path / "multirun"),
     ):
-        assert len(list((tmp_path / "multirun").glob(".submitit/*/*_result.pkl"))) == 2  # the jobs went through submitit
+        assert (
+            len(list((tmp_path / "multirun").glob(".submitit/*/*_result.pkl"))) == 2
+        )  # the jobs went through submitit
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
     assert sorted(r.data.tags["target"] for r in runs) == ["rot0", "rot75"]
@@ -208,4 +263,6 @@ def test_leave_one_out_on_submitits_local_launcher_gives_one_finished_run_per_ta
     frame = report.run_frame(client, runs, report.SELECTIONS["validation"])
     cells = report.table(frame, "ood")
     for run_ in runs:
-        assert cells.loc["aggregate", run_.data.tags["target"]].mean == 100 * run_.data.metrics["selected/test/acc_mean"]
+        assert (
+            cells.loc["aggregate", run_.data.tags["target"]].mean == 100 * run_.data.metrics["selected/test/acc_mean"]
+        )

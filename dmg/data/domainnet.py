@@ -34,7 +34,9 @@ def split_train_list(entries: Entries, val_fraction: float, seed: int) -> tuple[
     return [e for e in entries if e[0] not in val_paths], [e for e in entries if e[0] in val_paths]
 
 
-def prepare_splits(root: Path, split_dir: Path, domains: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> dict[str, dict[str, int]]:
+def prepare_splits(
+    root: Path, split_dir: Path, domains: Sequence[str], val_fraction: float = 0.1, seed: int = 0
+) -> dict[str, dict[str, int]]:
     """Write ``split_dir/{domain}_{train,val,test}.txt`` (test: the official test list); returns the counts."""
     split_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -42,7 +44,9 @@ def prepare_splits(root: Path, split_dir: Path, domains: Sequence[str], val_frac
         lists = {name: _official_list(root, domain, name) for name in ("train", "test")}
         train, val = split_train_list(lists["train"], val_fraction, seed)
         for name, entries in (("train", train), ("val", val), ("test", lists["test"])):
-            write_split_list(split_dir / f"{domain}_{name}.txt", [p for p, _ in entries], [label for _, label in entries])
+            write_split_list(
+                split_dir / f"{domain}_{name}.txt", [p for p, _ in entries], [label for _, label in entries]
+            )
         counts[domain] = {"train": len(train), "val": len(val), "test": len(lists["test"])}
     manifest = {"seed": seed, "val_fraction": val_fraction, "counts": counts}
     (split_dir / "split.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -43,7 +43,15 @@ DECODERS = {"bgr": _from_bgr, "rgb": _from_rgb, "encoded": _from_encoded}
 class HDF5Images(DecodedImages):
     """The items of one HDF5 file; the file is opened on first use in each process."""
 
-    def __init__(self, path: Path, labels: torch.Tensor, domain: int, transform: Transform, encoding: str, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        labels: torch.Tensor,
+        domain: int,
+        transform: Transform,
+        encoding: str,
+        skip_bad_images: bool = False,
+    ):
         super().__init__(labels, domain, transform, skip_bad_images)
         self.path = str(path)
         self.decode = DECODERS[encoding]
@@ -68,14 +76,18 @@ def inspect_hdf5(path: Path, default_encoding: str) -> tuple[np.ndarray, str]:
         with h5py.File(path, "r") as file:
             missing = [key for key in ("images", "labels") if key not in file]
             if missing:
-                raise UserError(f"HDF5 file {path} lacks the dataset(s) {', '.join(missing)}: expected 'images' and 'labels'")
+                raise UserError(
+                    f"HDF5 file {path} lacks the dataset(s) {', '.join(missing)}: expected 'images' and 'labels'"
+                )
             images, labels = file["images"], file["labels"][()]
             encoding = str(file.attrs.get("encoding", default_encoding))
             if file.attrs.get("complete", True) is False or len(images) != len(labels):
                 raise UserError(f"HDF5 file {path} is incomplete: {len(images)} images, {len(labels)} labels")
             _check_layout(path, images, encoding)
     except OSError as error:
-        raise UserError(f"cannot read HDF5 file {path} (truncated or not HDF5: {error}); download or create it again") from None
+        raise UserError(
+            f"cannot read HDF5 file {path} (truncated or not HDF5: {error}); download or create it again"
+        ) from None
     return labels, encoding
 
 

@@ -43,7 +43,9 @@ class ImageFolderDomains(PerDomainData):
         hint: str = "",
     ):
         self.root = Path(os.path.expanduser(root))
-        self._folders = dict(domains) if isinstance(domains, Mapping) else None if domains is None else {d: d for d in domains}
+        self._folders = (
+            dict(domains) if isinstance(domains, Mapping) else None if domains is None else {d: d for d in domains}
+        )
         super().__init__(num_classes, hint)
         self.transforms = {"train": train_transform, "val": eval_transform, "test": eval_transform}
         self.holdout_fraction = holdout_fraction
@@ -54,8 +56,14 @@ class ImageFolderDomains(PerDomainData):
     def folders(self) -> dict[str, Path]:
         """Domain name -> folder; read from disk only when the domains were not configured."""
         if not self.root.is_dir():
-            raise UserError(f"data folder {self.root} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip("; "))
-        names = self._folders or {entry.name: entry.name for entry in sorted(os.scandir(self.root), key=lambda e: e.name) if entry.is_dir()}
+            raise UserError(
+                f"data folder {self.root} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip(
+                    "; "
+                )
+            )
+        names = self._folders or {
+            entry.name: entry.name for entry in sorted(os.scandir(self.root), key=lambda e: e.name) if entry.is_dir()
+        }
         return {name: self.root / folder for name, folder in names.items()}
 
     @property
@@ -67,16 +75,24 @@ class ImageFolderDomains(PerDomainData):
         """Every domain's image paths and class indices; class folders are checked to agree across domains."""
         missing = [str(folder) for folder in self.folders.values() if not folder.is_dir()]
         if missing:
-            raise UserError(f"domain folder(s) {', '.join(missing)} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip("; "))
+            raise UserError(
+                f"domain folder(s) {', '.join(missing)} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip(
+                    "; "
+                )
+            )
         classes = {name: _class_folders(folder) for name, folder in self.folders.items()}
         empty = [str(self.folders[name]) for name, found in classes.items() if not found]
         if empty:
-            raise UserError(f"domain folder(s) {', '.join(empty)} hold no class folders: expected <domain>/<class>/<image>")
+            raise UserError(
+                f"domain folder(s) {', '.join(empty)} hold no class folders: expected <domain>/<class>/<image>"
+            )
         reference, expected = next(iter(classes.items()))
         for name, found in classes.items():
             _check_same_classes(reference, expected, name, found)
         if len(expected) != self.num_classes:
-            raise UserError(f"{self.root} has {len(expected)} class folders but dataset.num_classes is {self.num_classes}: set dataset.num_classes={len(expected)}")
+            raise UserError(
+                f"{self.root} has {len(expected)} class folders but dataset.num_classes is {self.num_classes}: set dataset.num_classes={len(expected)}"
+            )
         return {name: _scan(folder, expected) for name, folder in self.folders.items()}
 
     def required_files(self, domains: Mapping[str, Sequence[str]]) -> list[Path]:
@@ -85,14 +101,18 @@ class ImageFolderDomains(PerDomainData):
     def open(self, domain: str, role: str, domain_index: int) -> ImageFiles:
         paths, labels = self.samples[domain]
         if not paths:
-            raise UserError(f"domain folder {self.folders[domain]} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+            raise UserError(
+                f"domain folder {self.folders[domain]} holds no images (extensions {', '.join(IMG_EXTENSIONS)})"
+            )
         keep = torch.arange(len(paths)) if role == "test" else self.holdout(domain, len(paths))[role == "val"]
         chosen = [paths[index] for index in keep.tolist()]
         return ImageFiles(chosen, labels[keep], domain_index, self.transforms[role], self.skip_bad_images)
 
     def holdout(self, domain: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(train, val)`` indices of a domain: a function of ``split_seed`` and the domain's name only."""
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.split_seed}:{domain}".encode()))  # torch keeps 32 bits
+        generator = torch.Generator().manual_seed(
+            zlib.crc32(f"{self.split_seed}:{domain}".encode())
+        )  # torch keeps 32 bits
         return split_indices(count, self.holdout_fraction, generator)
 
 
@@ -115,5 +135,7 @@ def _check_same_classes(reference: str, expected: list[str], name: str, found: l
 
 def _scan(folder: Path, classes: list[str]) -> Samples:
     """Image files under each class folder (recursively, sorted), with their class index."""
-    items = make_dataset(str(folder), {name: index for index, name in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    items = make_dataset(
+        str(folder), {name: index for index, name in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True
+    )
     return [path for path, _ in items], torch.tensor([label for _, label in items], dtype=torch.long)

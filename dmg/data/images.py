@@ -73,7 +73,14 @@ class DecodedImages(Dataset):
 class ImageFiles(DecodedImages):
     """Images stored as files, one path per item."""
 
-    def __init__(self, paths: Sequence[str], labels: torch.Tensor, domain: int, transform: Transform, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: torch.Tensor,
+        domain: int,
+        transform: Transform,
+        skip_bad_images: bool = False,
+    ):
         super().__init__(labels, domain, transform, skip_bad_images)
         self.paths = np.array(paths)  # one numpy array, not a list of str: workers do not copy it page by page
 

@@ -35,8 +35,16 @@ class Packed:
     skipped: list[str] = field(default_factory=list)
 
 
-def pack_list(list_path: Path, images_root: Path, out: Path, encoding: str = "encoded", size: int = 256,
-              skip_bad_images: bool = False, chunk: int = 512, progress: bool = True) -> Packed:
+def pack_list(
+    list_path: Path,
+    images_root: Path,
+    out: Path,
+    encoding: str = "encoded",
+    size: int = 256,
+    skip_bad_images: bool = False,
+    chunk: int = 512,
+    progress: bool = True,
+) -> Packed:
     """Pack the images of ``list_path`` (paths relative to ``images_root``) into the HDF5 file ``out``."""
     if encoding not in ("encoded", "rgb"):
         raise UserError(f"pack encoding must be 'encoded' or 'rgb', got {encoding!r}")
@@ -67,8 +75,11 @@ def _open_partial(partial: Path, signature: str, count: int, encoding: str, size
         log.warning("%s is unreadable (interrupted while writing?): starting it afresh", partial)
     partial.unlink(missing_ok=True)
     file = h5py.File(partial, "w")
-    pixels = dict(shape=(count,), dtype=h5py.vlen_dtype(np.uint8)) if encoding == "encoded" else dict(
-        shape=(count, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3))
+    pixels = (
+        dict(shape=(count,), dtype=h5py.vlen_dtype(np.uint8))
+        if encoding == "encoded"
+        else dict(shape=(count, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3))
+    )
     file.create_dataset("images", maxshape=(None, *pixels["shape"][1:]), **pixels)
     file.create_dataset("labels", shape=(count,), maxshape=(None,), dtype=np.int64)
     file.create_dataset("paths", shape=(count,), maxshape=(None,), dtype=h5py.string_dtype())
@@ -76,8 +87,16 @@ def _open_partial(partial: Path, signature: str, count: int, encoding: str, size
     return file
 
 
-def _fill(file: h5py.File, names: list[str], labels: np.ndarray, images_root: Path, skip_bad_images: bool,
-          chunk: int, progress: bool, label: str) -> list[str]:
+def _fill(
+    file: h5py.File,
+    names: list[str],
+    labels: np.ndarray,
+    images_root: Path,
+    skip_bad_images: bool,
+    chunk: int,
+    progress: bool,
+    label: str,
+) -> list[str]:
     """Store images ``done ..`` of the list, committing every ``chunk``; returns the names skipped now."""
     reader = _read_encoded if file.attrs["encoding"] == "encoded" else _reader_rgb(file["images"].shape[1])
     done, stored, skipped = int(file.attrs["done"]), int(file.attrs["stored"]), []

@@ -36,7 +36,13 @@ def write_pacs_hdf5(
 
 
 def write_image_tree(
-    root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int, size: int = 16, seed: int = 0, suffix: str = ".jpg"
+    root: Path,
+    domains: Sequence[str],
+    classes: Sequence[str],
+    per_class: int,
+    size: int = 16,
+    seed: int = 0,
+    suffix: str = ".jpg",
 ) -> dict[str, list[tuple[str, int]]]:
     """Images at ``root/{domain}/{class}/{class}_{i}{suffix}``; returns per domain ``(relative path, class index)``."""
     rng = np.random.default_rng(seed)
@@ -58,7 +64,9 @@ def write_list(path: Path, entries: Sequence[tuple[str, int]], first_label: int 
     write_split_list(path, [name for name, _ in entries], [label + first_label for _, label in entries])
 
 
-def write_pacs_kfold(root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int = 3, size: int = 16) -> None:
+def write_pacs_kfold(
+    root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int = 3, size: int = 16
+) -> None:
     """PACS's official images ``root/kfold/{domain}/{class}/*`` and lists ``{domain}_{train,crossval,test}_kfold.txt``.
 
     Per class, the first image goes to crossval and the rest to train; test lists the whole domain (labels 1..7).
@@ -71,7 +79,9 @@ def write_pacs_kfold(root: Path, domains: Sequence[str], classes: Sequence[str],
         write_list(root / f"{domain}_test_kfold.txt", items, 1)
 
 
-def write_domainnet(root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int = 4, size: int = 16) -> None:
+def write_domainnet(
+    root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int = 4, size: int = 16
+) -> None:
     """DomainNet's tree ``root/{domain}/{class}/*`` and official lists ``{domain}_{train,test}.txt`` (labels 0-based).
 
     Per class, the last image goes to test, the rest to train.

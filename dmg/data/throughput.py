@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> dict[int, float]:
             loader = train_loader(args.dataset, root, workers, args.batch_size, args.override)
             results[workers] = images_per_second(loader, args.batches)
             source = "generated PACS-shaped HDF5" if args.root is None else args.root
-            print(f"{args.dataset} train loader ({source}), {workers} workers, batch {args.batch_size}: {results[workers]:.0f} img/s")
+            print(
+                f"{args.dataset} train loader ({source}), {workers} workers, batch {args.batch_size}: {results[workers]:.0f} img/s"
+            )
             del loader
     return results
 
@@ -73,7 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--root", help="the dataset's folder; default: generate a PACS-shaped HDF5 folder")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to measure")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=20, help="batches timed per worker count (after 2 warm-up batches)")
+    parser.add_argument(
+        "--batches", type=int, default=20, help="batches timed per worker count (after 2 warm-up batches)"
+    )
     parser.add_argument("--override", nargs="*", default=[], help="more config overrides, e.g. dataset.format=kfold")
     parser.set_defaults(func=run)
     return parser

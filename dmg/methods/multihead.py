@@ -7,9 +7,8 @@ between domains; here each head has its own parameters.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -39,7 +39,9 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> Staged
     )
 
 
-def alexnet(num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None) -> StagedNetwork:
+def alexnet(
+    num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None
+) -> StagedNetwork:
     """torchvision AlexNet; every layer of ``features`` and ``classifier`` is a stage (``classifier.6`` is new)."""
     model = _torchvision_model("alexnet", pretrained, weights)
     model.features[0] = _adapt_input_channels(model.features[0], in_channels)
@@ -75,7 +77,9 @@ def _torchvision_model(name: str, pretrained: bool, weights_file: str | None) ->
 def _read_weights_file(path: str, name: str) -> dict[str, torch.Tensor]:
     file = Path(os.path.expanduser(path))
     if not file.is_file():
-        raise UserError(f"backbone weights file {file} not found: backbone.weights must name a {name} state_dict (.pth)")
+        raise UserError(
+            f"backbone weights file {file} not found: backbone.weights must name a {name} state_dict (.pth)"
+        )
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file
@@ -100,7 +104,9 @@ def _adapt_input_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """The stem convolution for ``in_channels`` inputs; RGB filters are averaged into the new channels."""
     if in_channels == conv.in_channels:
         return conv
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
     with torch.no_grad():
         new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight) * (conv.in_channels / in_channels))
         if conv.bias is not None:

@@ -74,7 +74,9 @@ class MaskedNetwork(nn.Module):
         self.num_domains = num_domains
         self.layers = sorted(layers, key=network.index)
         shapes = network.stage_input_shapes(input_shape)
-        self.masks = nn.ModuleDict({_key(name): DomainMask(num_domains, _units(name, shapes[name]), init) for name in self.layers})
+        self.masks = nn.ModuleDict(
+            {_key(name): DomainMask(num_domains, _units(name, shapes[name]), init) for name in self.layers}
+        )
         self.first_masked = network.index(self.layers[0])
 
     def probabilities(self) -> dict[str, torch.Tensor]:
@@ -112,7 +114,9 @@ def _key(layer: str) -> str:
 
 def _units(layer: str, shape: torch.Size) -> int:
     if len(shape) not in (2, 4):
-        raise UserError(f"cannot mask layer {layer!r}: its input has shape {tuple(shape[1:])}, expected (C,) or (C, H, W)")
+        raise UserError(
+            f"cannot mask layer {layer!r}: its input has shape {tuple(shape[1:])}, expected (C,) or (C, H, W)"
+        )
     return shape[1]
 
 
