@@ -9,11 +9,12 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
 from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
 from dmg.data import DomainSplits, choose_domains
-from dmg.data.loading import make_loader
+from dmg.data.loading import OnDevice, make_loader
 from dmg.errors import UserError
 from dmg.loop import Loaders, fit
 from dmg.methods.base import Method
@@ -38,7 +39,7 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     splits = dataset.build(sources, targets)
-    loaders = build_loaders(splits, cfg)
+    loaders = build_loaders(splits, cfg, device)
     tracker = Tracker.start(cfg, run_tags(cfg, targets), Path(cfg.checkpoint_dir))
     log.info(
         "%s run %s: sources %s, targets %s",
@@ -49,7 +50,7 @@ def run(cfg: DictConfig) -> float:
     )
     checkpoints = Checkpointer(tracker.directory)
     try:
-        history = fit(method, loaders, cfg.epochs, cfg.seed, device, checkpoints, tracker.log_metrics, cfg.progress)
+        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress)
         summary = summarize(history)
         finish_run(tracker, method, checkpoints, summary, history, sources)
     except BaseException as error:
@@ -97,12 +98,19 @@ def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     return build(options, "method", network=network, domains=sources)
 
 
-def build_loaders(splits: DomainSplits, cfg: DictConfig) -> Loaders:
-    evaluate = lambda dataset: make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers)  # noqa: E731
+def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device) -> Loaders:
+    """Loaders of every split, delivering batches on ``device`` through the dataset's batch transforms."""
+    train_batch = build(cfg.dataset.transforms.train_batch, "dataset")
+    eval_batch = build(cfg.dataset.transforms.eval_batch, "dataset")
+
+    def evaluation(dataset: Dataset) -> OnDevice:
+        return OnDevice(make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers), device, eval_batch)
+
+    train = make_loader(splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last)
     return Loaders(
-        train=make_loader(splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last),
-        val={name: evaluate(dataset) for name, dataset in splits.val.items()},
-        test={name: evaluate(dataset) for name, dataset in splits.test.items()},
+        train=OnDevice(train, device, train_batch),
+        val={name: evaluation(dataset) for name, dataset in splits.val.items()},
+        test={name: evaluation(dataset) for name, dataset in splits.test.items()},
     )
 
 

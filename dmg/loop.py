@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dmg.checkpoints import Checkpointer
+from dmg.data.loading import OnDevice
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,11 @@ Metrics = dict[str, float]
 
 @dataclass
 class Loaders:
-    train: DataLoader  # (x, y, d) of every source domain, shuffled
-    val: dict[str, DataLoader]  # per source domain: in-domain evaluation
-    test: dict[str, DataLoader]  # per target domain: out-of-domain evaluation
+    """Batches ``(x, y, d)`` already on the training device."""
+
+    train: OnDevice  # every source domain, shuffled
+    val: dict[str, OnDevice]  # per source domain: in-domain evaluation
+    test: dict[str, OnDevice]  # per target domain: out-of-domain evaluation
 
 
 def fit(
@@ -35,7 +37,6 @@ def fit(
     loaders: Loaders,
     epochs: int,
     seed: int,
-    device: torch.device,
     checkpoints: Checkpointer,
     log_metrics: Callable[[Metrics, int], None],
     progress: bool = True,
@@ -45,9 +46,9 @@ def fit(
     for epoch in range(len(history), epochs):
         torch.manual_seed(seed * 100_003 + epoch)  # batch order and mask samples depend on (seed, epoch) only
         loaders.train.generator.manual_seed(seed * 100_003 + epoch)
-        losses = train_epoch(method, loaders.train, device, f"epoch {epoch + 1}/{epochs}", progress)
+        losses = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress)
         method.end_epoch()
-        metrics = {**losses, **evaluate(method, loaders, device), **method.epoch_metrics()}
+        metrics = {**losses, **evaluate(method, loaders), **method.epoch_metrics()}
         metrics.update({f"lr/{name}": lr for name, lr in method.learning_rates().items()})
         history.append(metrics)
         log.info("epoch %d: %s", epoch + 1, _headline(metrics))
@@ -56,15 +57,13 @@ def fit(
     return history
 
 
-def train_epoch(method: Method, loader: DataLoader, device: torch.device, label: str, progress: bool) -> Metrics:
+def train_epoch(method: Method, loader: OnDevice, label: str, progress: bool) -> Metrics:
     """One pass over the training data; returns the mean of each loss term."""
     method.train()
     totals: Metrics = {}
     bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for x, y, d in bar:
-        terms = method.update(
-            x.to(device, non_blocking=True), y.to(device, non_blocking=True), d.to(device, non_blocking=True)
-        )
+        terms = method.update(x, y, d)
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value
         bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
@@ -72,11 +71,11 @@ def train_epoch(method: Method, loader: DataLoader, device: torch.device, label:
 
 
 @torch.no_grad()
-def evaluate(method: Method, loaders: Loaders, device: torch.device) -> Metrics:
+def evaluate(method: Method, loaders: Loaders) -> Metrics:
     """In-domain accuracy per source (own-domain prediction), out-of-domain accuracy per target, and their means."""
     method.eval()
-    val = {name: accuracy(method, loader, device, in_domain=True) for name, loader in loaders.val.items()}
-    test = {name: accuracy(method, loader, device, in_domain=False) for name, loader in loaders.test.items()}
+    val = {name: accuracy(method, loader, in_domain=True) for name, loader in loaders.val.items()}
+    test = {name: accuracy(method, loader, in_domain=False) for name, loader in loaders.test.items()}
     metrics = {f"val/acc/{name}": value for name, value in val.items()}
     metrics.update({f"test/acc/{name}": value for name, value in test.items()})
     metrics["val/acc_mean"] = sum(val.values()) / len(val)
@@ -84,12 +83,11 @@ def evaluate(method: Method, loaders: Loaders, device: torch.device) -> Metrics:
     return metrics
 
 
-def accuracy(method: Method, loader: DataLoader, device: torch.device, in_domain: bool) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=device)
+def accuracy(method: Method, loader: OnDevice, in_domain: bool) -> float:
+    correct = torch.zeros((), dtype=torch.long, device=loader.device)
     total = 0
     for x, y, d in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        scores = method.predict(x, d.to(device) if in_domain else None)
+        scores = method.predict(x, d if in_domain else None)
         correct += (scores.argmax(1) == y).sum()
         total += len(y)
     return correct.item() / max(total, 1)

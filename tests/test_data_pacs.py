@@ -42,7 +42,7 @@ def test_hdf5_pixels_become_rgb_and_labels_start_at_zero(hdf5_root):
     assert np.array_equal(np.asarray(item), written[3])  # file holds BGR, we read RGB
     assert data.labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 0]  # file holds 1..7 (as floats)
     x, y, d = data[3]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and int(y) == 3 and d == -1
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and int(y) == 3 and d == -1
 
 
 def test_hdf5_protocol_train_val_of_sources_test_of_target(hdf5_root):
@@ -68,8 +68,8 @@ def test_hdf5_train_transform_augments_and_eval_resizes(hdf5_root):
     data = builder(hdf5_root, "dataset.image_size=24")
     train, val = data.open("photo", "train", 0), data.open("photo", "val", 0)
     torch.manual_seed(0)
-    assert train[0][0].shape == (3, 24, 24) and not torch.equal(train[0][0], train[0][0])  # random crops and jitter
-    assert torch.equal(val[0][0], val[0][0]) and abs(float(val[0][0].mean())) < 1.0  # deterministic, normalised
+    assert train[0][0].shape == (3, 24, 24) and not torch.equal(train[0][0], train[0][0])  # random crops
+    assert torch.equal(val[0][0], val[0][0]) and val[0][0].dtype == torch.uint8  # deterministic; normalised per batch
 
 
 @pytest.mark.parametrize(

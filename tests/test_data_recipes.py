@@ -86,7 +86,17 @@ def test_transforms_give_normalised_224_images(dataset):
     transforms = instantiate(compose_config([f"dataset={dataset}"]).dataset.transforms)
     image = Image.new("RGB", (300, 227), (124, 116, 104))  # about the ImageNet mean
     for name in ("train", "eval"):
-        x = transforms[name](image)
-        assert (
-            x.shape == (3, 224, 224) and x.dtype == torch.float32 and x.abs().max() < (1.0 if name == "eval" else 3.0)
-        )
+        x = transforms[name](image)  # per image, in the loader: uint8 crops
+        assert x.shape == (3, 224, 224) and x.dtype == torch.uint8
+        batch = transforms[f"{name}_batch"](torch.stack([x, x]))  # per batch, on the device: float, normalised
+        assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.float32
+        assert batch.abs().max() < (1.0 if name == "eval" else 3.0)
+
+
+def test_pacs_colour_jitter_is_drawn_per_image_and_evaluation_is_deterministic():
+    transforms = instantiate(compose_config(["dataset=pacs"]).dataset.transforms)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(4, 1, 1, 1)
+    jittered = transforms.train_batch(images)
+    assert all(not torch.allclose(jittered[0], jittered[i]) for i in range(1, 4))
+    evaluated = transforms.eval_batch(images)
+    assert all(torch.equal(evaluated[0], evaluated[i]) for i in range(1, 4))

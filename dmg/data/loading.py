@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch.utils.data import (
     BatchSampler,
@@ -36,3 +38,29 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class OnDevice:
+    """A loader's batches on ``device``, images passed through ``transform`` there (batched, per-sample random).
+
+    Per-image work (decoding, cropping) happens in the loader's workers; work that vectorises well across a batch
+    (colour jitter, normalisation) runs here, on the GPU when there is one, and uint8 images cross to it.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.loader = loader
+        self.device = device
+        self.transform = transform
+
+    @property
+    def generator(self) -> torch.Generator:
+        """Seeds the batch order (and the workers' random transforms)."""
+        return self.loader.generator
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for x, y, d in self.loader:
+            to_device = {"device": self.device, "non_blocking": True}
+            yield self.transform(x.to(**to_device)), y.to(**to_device), d.to(**to_device)
