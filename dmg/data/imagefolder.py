@@ -56,11 +56,7 @@ class ImageFolderDomains(PerDomainData):
     def folders(self) -> dict[str, Path]:
         """Domain name -> folder; read from disk only when the domains were not configured."""
         if not self.root.is_dir():
-            raise UserError(
-                f"data folder {self.root} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip(
-                    "; "
-                )
-            )
+            raise UserError(self._not_found(f"data folder {self.root}"))
         names = self._folders or {
             entry.name: entry.name for entry in sorted(os.scandir(self.root), key=lambda e: e.name) if entry.is_dir()
         }
@@ -75,11 +71,7 @@ class ImageFolderDomains(PerDomainData):
         """Every domain's image paths and class indices; class folders are checked to agree across domains."""
         missing = [str(folder) for folder in self.folders.values() if not folder.is_dir()]
         if missing:
-            raise UserError(
-                f"domain folder(s) {', '.join(missing)} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip(
-                    "; "
-                )
-            )
+            raise UserError(self._not_found(f"domain folder(s) {', '.join(missing)}"))
         classes = {name: _class_folders(folder) for name, folder in self.folders.items()}
         empty = [str(self.folders[name]) for name, found in classes.items() if not found]
         if empty:
@@ -110,10 +102,11 @@ class ImageFolderDomains(PerDomainData):
 
     def holdout(self, domain: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(train, val)`` indices of a domain: a function of ``split_seed`` and the domain's name only."""
-        generator = torch.Generator().manual_seed(
-            zlib.crc32(f"{self.split_seed}:{domain}".encode())
-        )  # torch keeps 32 bits
-        return split_indices(count, self.holdout_fraction, generator)
+        seed = zlib.crc32(f"{self.split_seed}:{domain}".encode())  # 32 bits: torch keeps no more
+        return split_indices(count, self.holdout_fraction, torch.Generator().manual_seed(seed))
+
+    def _not_found(self, what: str) -> str:
+        return f"{what} not found: expected {self.root}/<domain>/<class>/<image>; {self.hint}".rstrip("; ")
 
 
 def _class_folders(folder: Path) -> list[str]:
