@@ -8,6 +8,7 @@ matplotlib.use("Agg")  # runs write PNG files; no display needed
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
@@ -66,6 +67,7 @@ def active_units_figure(history: list[Metrics], domains: list[str], layer: str):
     for domain in domains:
         axes.plot(epochs, [metrics[f"mask/{layer}/active/{domain}"] for metrics in history], marker=".", label=domain)
     axes.set(xlabel="epoch", ylabel="active fraction", ylim=(0, 1.02), title=f"active units, layer {layer}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
