@@ -36,9 +36,9 @@ def run(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device)
     dataset = build(cfg.dataset.builder, "dataset")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
+    splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
-    splits = dataset.build(sources, targets)
     loaders = build_loaders(splits, cfg, device)
     tracker = Tracker.start(cfg, run_tags(cfg, targets), Path(cfg.checkpoint_dir))
     log.info(
