@@ -44,12 +44,13 @@ def fit(
     """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics."""
     history = checkpoints.restore(method)
     for epoch in range(len(history), epochs):
-        torch.manual_seed(seed * 100_003 + epoch)  # batch order and mask samples depend on (seed, epoch) only
-        loaders.train.generator.manual_seed(seed * 100_003 + epoch)
+        epoch_seed = seed * 100_003 + epoch  # batch order, augmentation and mask samples depend on (seed, epoch) only
+        torch.manual_seed(epoch_seed)
+        loaders.train.generator.manual_seed(epoch_seed)
         losses = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress)
+        learning_rates = {f"lr/{name}": lr for name, lr in method.learning_rates().items()}  # the ones just used
         method.end_epoch()
-        metrics = {**losses, **evaluate(method, loaders), **method.epoch_metrics()}
-        metrics.update({f"lr/{name}": lr for name, lr in method.learning_rates().items()})
+        metrics = {**losses, **learning_rates, **evaluate(method, loaders), **method.epoch_metrics()}
         history.append(metrics)
         log.info("epoch %d: %s", epoch + 1, _headline(metrics))
         log_metrics(metrics, epoch + 1)  # MLflow step = 1-based epoch
