@@ -25,14 +25,19 @@ from dmg.summary import (
     print_summary,
     summarize,
 )
-from dmg.tracking import Tracker, git_commit
+from dmg.tracking import Tracker, finished_run, git_commit
 
 log = logging.getLogger(__name__)
+
+RESUME_MODES = ("auto", "skip_finished", "never")
 
 
 def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``."""
     check_settings(cfg)
+    if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
+        log.info("run %s already finished with this config: reporting its result", done.info.run_id)
+        return done.data.metrics[cfg.optimized_metric]
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset")
@@ -66,8 +71,8 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg.resume not in ("auto", "never"):
-        raise UserError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    if cfg.resume not in RESUME_MODES:
+        raise UserError(f"resume must be one of {', '.join(RESUME_MODES)}, got {cfg.resume!r}")
 
 
 def resolve_device(name: str) -> torch.device:

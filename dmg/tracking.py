@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import matplotlib.pyplot
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -57,8 +57,8 @@ class Tracker:
         client = MlflowClient(tracking_uri=cfg.tracking.uri)
         experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
-        if cfg.resume == "auto":
-            for run in _unfinished_runs(client, experiment, digest):
+        if cfg.resume != "never":
+            for run in _runs_of_config(client, experiment, digest, finished=False):
                 lock = RunLock(checkpoint_root / run.info.run_id)
                 if (lock.directory / "last.pt").exists() and lock.acquire():
                     client.update_run(run.info.run_id, status="RUNNING")
@@ -142,9 +142,19 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     raise RuntimeError(f"could not create MLflow experiment {name!r}")
 
 
-def _unfinished_runs(client: MlflowClient, experiment_id: str, digest: str):
-    query = f"tags.config_hash = '{digest}' and attributes.status != '{RunStatus.to_string(RunStatus.FINISHED)}'"
-    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+def _runs_of_config(client: MlflowClient, experiment_id: str, digest: str, finished: bool, limit: int = 1000):
+    """Runs of the config with this hash, newest first: the finished ones, or the unfinished ones."""
+    status = f"attributes.status {'=' if finished else '!='} '{RunStatus.to_string(RunStatus.FINISHED)}'"
+    query = f"tags.config_hash = '{digest}' and {status}"
+    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=limit)
+
+
+def finished_run(cfg: DictConfig) -> Run | None:
+    """The newest finished run of exactly this config (same hash) in its experiment, if there is one."""
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = _runs_of_config(client, experiment.experiment_id, config_hash(cfg), True, 1) if experiment else []
+    return runs[0] if runs else None
 
 
 def git_commit() -> str | None:

@@ -161,3 +161,13 @@ def test_launch_py_reports_bad_input_on_one_line_with_nonzero_exit(tmp_path):
     errors = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "unknown domain 'rot90'" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_skip_finished_reports_the_finished_run_without_training_again(quick_config, tmp_path, monkeypatch):
+    first = run(quick_config("epochs=1"))
+    monkeypatch.setattr("dmg.experiment.fit", lambda *args, **kwargs: pytest.fail("trained again"))
+    assert run(quick_config("epochs=1", "resume=skip_finished")) == first
+    _, runs = only_run(tmp_path)
+    assert len(runs) == 1
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        run(quick_config("epochs=1", "resume=skip_finished", "seed=1"))  # another config: it trains
