@@ -21,6 +21,20 @@ from dmg.experiment import run
 from dmg.sweeps import SweepFailed, describe, expand_glob
 from tests.conftest import CONF_DIR
 
+
+def project_multirun(hydra_sweep_runner, overrides: list[str], tmp_path: Path):
+    """``python launch.py -m <overrides>`` in this process, with the sweep folder under ``tmp_path/multirun``."""
+    return hydra_sweep_runner(
+        calling_file=__file__,
+        calling_module=None,
+        task_function=run,
+        config_path=str(CONF_DIR),
+        config_name="config",
+        overrides=overrides,
+        temp_dir=str(tmp_path / "multirun"),
+    )
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.builder.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false"]
 FAKE_APP = """
@@ -187,15 +201,7 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
         "hydra.sweeper.sampler.seed=0",
     ]
     overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
-    with hydra_sweep_runner(
-        calling_file=__file__,
-        calling_module=None,
-        task_function=run,
-        config_path=str(CONF_DIR),
-        config_name="config",
-        overrides=overrides,
-        temp_dir=str(tmp_path / "multirun"),
-    ):
+    with project_multirun(hydra_sweep_runner, overrides, tmp_path):
         results = OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
     study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -243,15 +249,7 @@ def test_leave_one_out_on_submitits_local_launcher_gives_one_finished_run_per_ta
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"checkpoint_dir={tmp_path}/ckpt",
     ]
-    with hydra_sweep_runner(
-        calling_file=__file__,
-        calling_module=None,
-        task_function=run,
-        config_path=str(CONF_DIR),
-        config_name="config",
-        overrides=overrides,
-        temp_dir=str(tmp_path / "multirun"),
-    ):
+    with project_multirun(hydra_sweep_runner, overrides, tmp_path):
         assert (
             len(list((tmp_path / "multirun").glob(".submitit/*/*_result.pkl"))) == 2
         )  # the jobs went through submitit
