@@ -35,7 +35,9 @@ def make_loader(
         drop_last=drop_last,
         num_workers=num_workers,
         generator=generator,
-        persistent_workers=num_workers > 0,
+        # Fresh workers every epoch take their seeds from the reseeded generator: augmentation is then a function
+        # of (seed, epoch) and a resumed run matches; idle evaluation loaders hold no processes.
+        persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
 
