@@ -68,9 +68,9 @@ def run(cfg: DictConfig) -> float:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0), ("num_workers", 0)):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < least:
+            raise UserError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
     if cfg.resume not in RESUME_MODES:
         raise UserError(f"resume must be one of {', '.join(RESUME_MODES)}, got {cfg.resume!r}")
 

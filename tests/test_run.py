@@ -120,7 +120,9 @@ def test_finished_run_is_not_resumed(quick_config, tmp_path):
             ["backbone=resnet18", "backbone.weights=/nonexistent/resnet18.pth"],
             "weights file /nonexistent/resnet18.pth not found",
         ),
-        (["epochs=0"], "epochs must be a positive integer"),
+        (["epochs=0"], "epochs must be an integer >= 1, got 0"),
+        (["seed=abc"], "seed must be an integer >= 0, got 'abc'"),
+        (["backbone.mask_layers=[fc,fc]"], "mask_layers must name distinct layers"),
         (["optim.lr=-1"], "bad method config: Invalid learning rate: -1"),
     ],
 )

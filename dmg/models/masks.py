@@ -68,8 +68,8 @@ class MaskedNetwork(nn.Module):
         input_shape: Sequence[int],
     ):
         super().__init__()
-        if not layers:
-            raise UserError("DMG needs at least one masked layer: set backbone.mask_layers")
+        if not layers or len(set(layers)) != len(layers):
+            raise UserError(f"backbone.mask_layers must name distinct layers, at least one; got {list(layers)}")
         self.network = network
         self.num_domains = num_domains
         self.layers = sorted(layers, key=network.index)
