@@ -114,6 +114,7 @@ def test_finished_run_is_not_resumed(quick_config, tmp_path):
     "overrides, message",
     [
         (["target=rot90"], "unknown domain 'rot90': this dataset's domains are rot0, rot15"),
+        (["target=15"], "unknown domain '15': this dataset's domains are rot0, rot15"),
         (["target=rot30", "sources=[rot0,rot30]"], "rot30 also listed as source"),
         (["backbone.mask_layers=[conv9]"], "unknown layer 'conv9': this backbone's layers are conv1, pool1"),
         (

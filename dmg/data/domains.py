@@ -36,9 +36,10 @@ def choose_domains(
 
     Returns ``(sources, targets)`` in the dataset's domain order.
     """
-    targets = [target] if isinstance(target, str) else list(target)
+    targets = [str(name) for name in ([target] if isinstance(target, (str, int, float)) else target)]
     known = ", ".join(domains)
-    for name in targets + list(sources or []):
+    sources = None if sources is None else [str(name) for name in sources]
+    for name in targets + (sources or []):
         if name not in domains:
             raise UserError(f"unknown domain {name!r}: this dataset's domains are {known}")
     if not targets:
