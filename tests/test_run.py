@@ -122,6 +122,7 @@ def test_finished_run_is_not_resumed(quick_config, tmp_path):
             "weights file /nonexistent/resnet18.pth not found",
         ),
         (["epochs=0"], "epochs must be an integer >= 1, got 0"),
+        (["device=tpu"], "unknown device 'tpu'"),
         (["seed=abc"], "seed must be an integer >= 0, got 'abc'"),
         (["backbone.mask_layers=[fc,fc]"], "mask_layers must name distinct layers"),
         (["optim.lr=-1"], "bad method config: Invalid learning rate: -1"),
@@ -174,3 +175,9 @@ def test_skip_finished_reports_the_finished_run_without_training_again(quick_con
     assert len(runs) == 1
     with pytest.raises(pytest.fail.Exception, match="trained again"):
         run(quick_config("epochs=1", "resume=skip_finished", "seed=1"))  # another config: it trains
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(isolated):
+    with pytest.raises(UserError, match="PyTorch sees no CUDA GPU here"):
+        run(compose_config(["dataset.builder.max_images=600", *isolated, "device=cuda"]))
