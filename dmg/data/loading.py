@@ -63,6 +63,6 @@ class OnDevice:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        to_device = {"device": self.device, "non_blocking": True}
         for x, y, d in self.loader:
-            to_device = {"device": self.device, "non_blocking": True}
             yield self.transform(x.to(**to_device)), y.to(**to_device), d.to(**to_device)

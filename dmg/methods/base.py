@@ -7,6 +7,7 @@ without). Subclasses only say what their loss is (``objective``) and how they pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -52,7 +53,7 @@ class Method(nn.Module):
         """One optimisation step on a batch; returns the loss terms."""
         terms = self.objective(x, y, d)
         values = dict(zip(terms, torch.stack([value.detach() for value in terms.values()]).tolist()))  # one sync
-        if not torch.isfinite(terms["loss"]):
+        if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(self.steps + 1, values)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
