@@ -5,6 +5,7 @@ python launch.py method=aggregate target=rot0 optim.lr=3e-4
 """
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -12,22 +13,34 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dmg.errors import UserError
+from dmg.errors import Terminated, UserError
 from dmg.experiment import run
+from dmg.settings import check_overrides
+from dmg.signals import sigterm_raises
 
 log = logging.getLogger("dmg")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float:
+    """One job: check the command line against the config's defaults, then run. Bad input is one line, exit 1."""
+    job = HydraConfig.get()
     try:
+        check_overrides(cfg, job.overrides.task, job.job.config_name)
         return run(cfg)
     except UserError as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
+        if job.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records it; Hydra prints it on one line
         log.error("error: %s", error)
         sys.exit(1)
 
 
+main = hydra.main(version_base="1.3", config_path="conf", config_name="config")(task)
+
 if __name__ == "__main__":
-    main()
+    try:
+        with sigterm_raises():
+            main()
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)

@@ -1,37 +1,60 @@
-"""MLflow around Hydra multiruns: the store is created before any job starts, Optuna trials nest under a parent run.
+"""MLflow around Hydra multiruns: settings checked and the store created before any job starts, Optuna trials
+nested under a parent run.
 
-``TrackingStore`` (every multirun, conf/config.yaml) creates the MLflow database and experiment once, before
-parallel jobs race to create them. ``SweepParentRun`` (Optuna recipes in sweeps/sweep/) opens one parent run per
-study, hands its id to the jobs through ``PARENT_RUN_ENV`` (read by ``tracking.parent_run_id``) and, at the
-end, logs the best trial on it. ``sweep_tags`` turns a job's ``tracking`` config into its run's tags.
+``Preflight`` (every multirun, conf/config.yaml) checks the sweep's settings (one line and exit 1 for a typo, a bad
+value, an unusable folder or store, a bad sweeper option) and then creates the MLflow store and experiment once,
+under the lock beside a SQLite store. ``SweepParentRun`` (Optuna recipes in sweeps/sweep/) opens one parent run
+per study, hands its id to the jobs through ``PARENT_RUN_ENV`` (read by ``tracking.parent_run_id``), logs the best
+trial on it at the end and never leaves it RUNNING: FINISHED when the study is complete, KILLED after Ctrl-C or
+SIGTERM, FAILED when the sweep fails. ``sweep_tags`` turns a job's ``tracking`` config into its run's tags.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import time
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from dmg import signals
+from dmg.settings import check_overrides, check_settings
+from dmg.stores import mlflow_client
 from dmg.tracking import experiment_id
+
+log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "DMG_MLFLOW_PARENT_RUN"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-class TrackingStore(Callback):
-    """Creates the MLflow store and experiment in the sweep process, before jobs start."""
+class Preflight(Callback):
+    """Checks a multirun's settings, then creates the MLflow store and experiment, before jobs start."""
 
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        experiment_id(MlflowClient(self.tracking_uri), self.experiment)
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        fixed = [override.input_line for override in overrides if not override.is_sweep_override()]
+        check_overrides(config, fixed, config.hydra.job.config_name)
+        check_settings(config)
+        check_sweeper(config.hydra.sweeper)
+        experiment_id(mlflow_client(self.tracking_uri), self.experiment)
+
+
+def check_sweeper(sweeper: DictConfig) -> None:
+    """The options of our Optuna sweeper, checked before anything is written (other sweepers check their own)."""
+    from dmg.sweeps import check_options
+
+    if str(sweeper.get("_target_", "")).endswith("ResumableOptunaSweeper"):
+        check_options(sweeper)
 
 
 class SweepParentRun(Callback):
@@ -46,9 +69,10 @@ class SweepParentRun(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.client = MlflowClient(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs
+        self.client = mlflow_client(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs
         self.run_id = self.find_or_create(experiment_id(self.client, self.experiment))
         os.environ[PARENT_RUN_ENV] = self.run_id
+        atexit.register(self.end_unfinished)
 
     def find_or_create(self, experiment: str) -> str:
         """The study's parent run (a resumed study or another worker reuses it), set RUNNING."""
@@ -61,6 +85,7 @@ class SweepParentRun(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)
+        atexit.unregister(self.end_unfinished)
         results = OmegaConf.to_container(OmegaConf.load(self.results_file))
         for name, value in results["best_params"].items():
             self.client.set_tag(self.run_id, f"best.{name}", str(value))
@@ -71,8 +96,15 @@ class SweepParentRun(Callback):
             metrics=[Metric(f"best/{self.objective}", results["best_value"], int(time.time() * 1000), finished)],
         )
         self.client.log_artifact(self.run_id, str(self.results_file))
-        if not results["trials"].get("running"):  # other workers are still at it otherwise
-            self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def end_unfinished(self) -> None:
+        """At exit without ``on_multirun_end``: the sweep was interrupted (KILLED) or failed (FAILED)."""
+        status = "KILLED" if signals.stop_requested() else "FAILED"
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as error:  # noqa: BLE001 - the store may be what failed
+            log.warning("could not mark the sweep's parent run %s %s: %s", self.run_id, status, error)
 
 
 def sweep_tags(tracking: DictConfig) -> dict[str, str]:

@@ -1,8 +1,15 @@
-"""Checkpoints of a run, written atomically at the end of every epoch so an interrupted run can continue."""
+"""Checkpoints of a run, written atomically at the end of every epoch so an interrupted run can continue.
+
+Two generations of the training state are kept (``last.pt`` and ``previous.pt``): a checkpoint that cannot be read
+(truncated by a full disk, damaged by a copy) is named in a warning and the run continues from the one before it,
+or from scratch; it never blocks the config.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,13 +17,16 @@ import torch
 
 from dmg.methods.base import Method
 
+log = logging.getLogger(__name__)
+
 
 class Checkpointer:
-    """``last.pt`` (everything needed to continue) and ``best.pt`` (weights of the selected epoch) in ``directory``."""
+    """``last.pt``/``previous.pt`` (everything needed to continue) and ``best.pt`` (the selected epoch's weights)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.last = self.directory / "last.pt"
+        self.previous = self.directory / "previous.pt"
         self.best = self.directory / "best.pt"
 
     def save(self, method: Method, history: list[dict], is_best: bool) -> None:
@@ -24,13 +34,18 @@ class Checkpointer:
         if is_best:
             _atomic_save({"epoch": epoch, "model": method.state_dict()}, self.best)
         state = {"epoch": epoch, "model": method.state_dict(), "training": method.training_state(), "history": history}
-        _atomic_save(state, self.last)
+        _atomic_save(state, self.last, keep_as=self.previous)
 
     def restore(self, method: Method) -> list[dict]:
-        """Load the last checkpoint into ``method`` if there is one; returns the metrics history so far."""
-        if not self.last.exists():
+        """Load the newest readable checkpoint into ``method``; returns the metrics history so far ([] if none)."""
+        self.remove_partial_writes()
+        state = next(filter(None, map(_read, (self.last, self.previous))), None)
+        if state and self.best.exists() and _read(self.best) is None:
+            state = None  # the selected model cannot be rebuilt without training again
+        if state is None:
+            if any(path.exists() for path in (self.last, self.previous, self.best)):
+                log.warning("no usable checkpoint in %s: training starts from scratch", self.directory)
             return []
-        state = torch.load(self.last, map_location="cpu", weights_only=False)
         method.load_state_dict(state["model"])
         method.load_training_state(state["training"])
         return state["history"]
@@ -41,9 +56,32 @@ class Checkpointer:
         method.load_state_dict(state["model"])
         return state["epoch"]
 
+    def remove_partial_writes(self) -> None:
+        """Delete temporary files of writes that a killed process left (call only while holding the run's lock)."""
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename it: a crash never leaves a half-written checkpoint."""
+    def remove(self) -> None:
+        """Delete the run's local folder (a finished run's model lives in MLflow)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _read(path: Path) -> dict | None:
+    """A checkpoint's content, or None (with a warning naming the file) if it is missing or cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch and pickle raise many types for a damaged file
+        log.warning("checkpoint %s cannot be read (%s: %s)", path, type(error).__name__, error)
+        return None
+
+
+def _atomic_save(obj: dict, path: Path, keep_as: Path | None = None) -> None:
+    """Write to a temporary file beside ``path`` and rename it: a crash never leaves a half-written checkpoint.
+
+    With ``keep_as``, the file being replaced is kept under that name (one older generation).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -51,6 +89,8 @@ def _atomic_save(obj: dict, path: Path) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        if keep_as and path.exists():
+            os.replace(path, keep_as)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, InputTag
 from omegaconf import DictConfig, OmegaConf
+from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
 from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
 from dmg.data import DomainSplits, choose_domains
 from dmg.data.loading import OnDevice, make_loader
-from dmg.errors import UserError
+from dmg.errors import BadValue, Terminated, UserError
 from dmg.loop import Loaders, fit
 from dmg.methods.base import Method
-from dmg.models.staged import StagedNetwork
+from dmg.models.staged import InputTooSmall, StagedNetwork
+from dmg.settings import check_settings
+from dmg.signals import sigterm_raises
 from dmg.summary import (
     active_units_figure,
     mask_overlap_figure,
@@ -29,8 +36,6 @@ from dmg.tracking import Tracker, finished_run, git_commit
 
 log = logging.getLogger(__name__)
 
-RESUME_MODES = ("auto", "skip_finished", "never")
-
 
 def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``."""
@@ -40,39 +45,51 @@ def run(cfg: DictConfig) -> float:
         return done.data.metrics[cfg.optimized_metric]
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
-    dataset = build(cfg.dataset.builder, "dataset")
+    dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     loaders = build_loaders(splits, cfg, device)
-    tracker = Tracker.start(cfg, run_tags(cfg, targets), Path(cfg.checkpoint_dir))
-    log.info(
-        "%s run %s: sources %s, targets %s",
-        "continuing" if tracker.resumed else "starting",
-        tracker.run_id,
-        sources,
-        targets,
-    )
-    checkpoints = Checkpointer(tracker.directory)
-    try:
-        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress)
-        summary = summarize(history)
-        finish_run(tracker, method, checkpoints, summary, history, sources)
-    except BaseException as error:
-        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-    title = f"{cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {tracker.run_id}"
+    with sigterm_raises():
+        summary = train_and_track(cfg, method, loaders, splits)
+    title = f"{cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
     print_summary(summary, sources, targets, title)
     return summary[cfg.optimized_metric]
 
 
-def check_settings(cfg: DictConfig) -> None:
-    for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0), ("num_workers", 0)):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < least:
-            raise UserError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
-    if cfg.resume not in RESUME_MODES:
-        raise UserError(f"resume must be one of {', '.join(RESUME_MODES)}, got {cfg.resume!r}")
+def train_and_track(cfg: DictConfig, method: Method, loaders: Loaders, splits: DomainSplits) -> dict:
+    """Train in the MLflow run of this config (continued if it was interrupted); returns the run's summary.
+
+    However the process stops, the run does not stay RUNNING: Ctrl-C and SIGTERM mark it KILLED, any error FAILED,
+    and rerunning the command continues it from its last checkpoint.
+    """
+    tracker = Tracker.start(cfg, run_tags(cfg, splits.targets), Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
+    log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting",
+             tracker.run_id, splits.sources, splits.targets)  # fmt: skip
+    checkpoints = Checkpointer(tracker.directory)
+    try:
+        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress)
+        summary = summarize(history)
+        finish_run(tracker, method, checkpoints, summary, history, splits.sources, cfg.keep_checkpoints)
+    except BaseException as error:
+        end_interrupted(tracker, error)
+        raise
+    finally:
+        tracker.release()
+    checkpoints.remove()
+    return summary | {"run_id": tracker.run_id}
+
+
+def end_interrupted(tracker: Tracker, error: BaseException) -> None:
+    """Mark the run KILLED (Ctrl-C, SIGTERM, a scheduler's exit) or FAILED, without hiding ``error``."""
+    stopped = isinstance(error, (KeyboardInterrupt, Terminated, SystemExit))
+    try:
+        tracker.finish("KILLED" if stopped else "FAILED")
+    except Exception as problem:  # noqa: BLE001 - the store may be what failed; the original error matters
+        log.warning("could not mark run %s as ended: %s", tracker.run_id, problem)
+    if stopped:
+        log.warning("run %s interrupted: rerun the same command to continue it", tracker.run_id)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,36 +98,69 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise BadValue("device", "auto, cpu, cuda or cuda:N", name) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU here: use device=auto or device=cpu")
     return device
 
 
-def build(node: DictConfig, group: str, **kwargs):
-    """``instantiate`` with errors reported as one line naming the config group."""
+def build(node: DictConfig, key: str, **kwargs):
+    """``instantiate`` with errors reported as one line naming the config node ``key``."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
+        if isinstance(cause, BadValue):
+            raise cause.under(key) from None
         if isinstance(cause, UserError):
             raise cause from None
-        raise UserError(f"bad {group} config: {cause}") from None
+        raise UserError(f"bad {key} setting: {str(cause).splitlines()[0]}") from None
 
 
 def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     """The backbone, then the method around it (method options come from the ``method/`` group)."""
-    network: StagedNetwork = build(cfg.backbone.network, "backbone")
+    network: StagedNetwork = build(cfg.backbone.network, "backbone.network")
+    check_input_size(network, cfg)
+    check_optimizers(cfg.optim)
     options = OmegaConf.to_container(cfg.method, resolve=True)
     del options["name"]
     return build(options, "method", network=network, domains=sources)
 
 
+def check_optimizers(optim: DictConfig) -> None:
+    """Build every optimiser of the ``optim`` group on a dummy parameter: torch checks lr, betas, weight decay."""
+    for name, node in optim.items():
+        if not _is_optimizer(node):
+            continue
+        try:
+            build(node, f"optim.{name}")([torch.zeros(1, requires_grad=True)])
+        except (ValueError, TypeError) as error:
+            raise UserError(f"bad optim.{name} setting ({node._target_}): {error}") from None
+
+
+def _is_optimizer(node) -> bool:
+    try:
+        return isinstance(node, DictConfig) and issubclass(get_class(node.get("_target_")), Optimizer)
+    except Exception:  # noqa: BLE001 - no or an unknown target: not an optimiser (its builder reports it)
+        return False
+
+
+def check_input_size(network: StagedNetwork, cfg: DictConfig) -> None:
+    """A backbone too deep for the images gets the smallest image size it takes, as a setting to use."""
+    try:
+        network.stage_input_shapes(cfg.dataset.input_shape)
+    except InputTooSmall as error:
+        raise UserError(
+            f"backbone {cfg.backbone.name} cannot take {error.size}x{error.size} images (the smallest it takes is "
+            f"{error.smallest} px): set dataset.image_size={error.smallest} or more"
+        ) from None
+
+
 def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device) -> Loaders:
     """Loaders of every split, delivering batches on ``device`` through the dataset's batch transforms."""
-    train_batch = build(cfg.dataset.transforms.train_batch, "dataset")
-    eval_batch = build(cfg.dataset.transforms.eval_batch, "dataset")
+    train_batch = build(cfg.dataset.transforms.train_batch, "dataset.transforms.train_batch")
+    eval_batch = build(cfg.dataset.transforms.eval_batch, "dataset.transforms.eval_batch")
 
     def evaluation(dataset: Dataset) -> OnDevice:
         return OnDevice(make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers), device, eval_batch)
@@ -135,16 +185,41 @@ def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
     return tags | ({"mlflow.source.git.commit": commit} if commit else {}) | sweep_tags(cfg.tracking)
 
 
+def dataset_input(cfg: DictConfig, splits: DomainSplits) -> DatasetInput:
+    """The run's data as an MLflow dataset input: name, domains and split sizes, and a digest of the split recipe."""
+    sizes = {"train": len(splits.train)} | {
+        f"{role}/{name}": len(part) for role, parts in (("val", splits.val), ("test", splits.test))
+        for name, part in parts.items()
+    }  # fmt: skip
+    recipe = OmegaConf.to_container(cfg.dataset.builder, resolve=True)
+    profile = {"sources": splits.sources, "targets": splits.targets, "sizes": sizes}
+    digest = hashlib.sha1(json.dumps([recipe, profile], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    source = str(recipe.get("root") or cfg.dataset.get("root") or recipe.get("_target_"))
+    dataset = MlflowDataset(cfg.dataset.name, digest, "local", source, None, json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
 def finish_run(
-    tracker: Tracker, method: Method, checkpoints: Checkpointer, summary: dict, history: list[dict], sources: list[str]
+    tracker: Tracker,
+    method: Method,
+    checkpoints: Checkpointer,
+    summary: dict,
+    history: list[dict],
+    sources: list[str],
+    keep: str,
 ) -> None:
-    """Log the summary, the mask plots (selected model's overlaps, active units over epochs) and both checkpoints."""
+    """Log the summary, the mask plots (selected model's overlaps, active units over epochs) and the kept models.
+
+    ``keep``: ``selected`` logs the selected epoch's weights, ``all`` also the last epoch's training state, ``none``
+    neither. The local checkpoints are deleted afterwards: a finished run's models live in MLflow only.
+    """
     tracker.log_dict(summary, "summary.json")
     tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
     checkpoints.load_best(method)
     for layer, iou in method.mask_overlaps().items():
         tracker.log_figure(mask_overlap_figure(iou, sources, layer), f"masks/iou_{layer}.png")
         tracker.log_figure(active_units_figure(history, sources, layer), f"masks/active_{layer}.png")
-    tracker.log_artifact(checkpoints.best, "checkpoints")
-    tracker.log_artifact(checkpoints.last, "checkpoints")
+    kept = {"selected": [checkpoints.best], "all": [checkpoints.best, checkpoints.last], "none": []}[keep]
+    for path in kept:
+        tracker.log_artifact(path, "checkpoints")
     tracker.finish()

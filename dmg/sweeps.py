@@ -6,12 +6,16 @@ knows neither conditional parameters nor ``glob(*)``. ``ResumableOptuna`` keeps 
 and replaces its batch loop:
 
 - ``n_trials`` is the size of the whole study: rerunning the command, or a second worker on the same storage,
-  runs only the trials still missing (finished trials are never rerun);
-- a trial whose process died is found by its stopped heartbeat, marked failed and queued again with the same
-  parameters (the run's config hash then lets it continue from its checkpoint);
-- a trial that raises or returns NaN/inf is recorded as FAIL, with the reason in its ``failure`` user attribute,
-  and the sweep goes on (it stops only after ``max_consecutive_failures`` failures in a row);
-- each job gets ``<trial_key>={study: ..., number: ..., params: {...}}`` so that its MLflow run can be tagged;
+  runs only the trials still missing (finished trials are never rerun), and a worker ends only when the study is
+  complete, waiting for trials that other live processes run;
+- a trial whose process died is queued again with the same parameters: at once when it ran on this host, after
+  its heartbeat has been silent for the grace period when it ran on another; its run then continues from its
+  checkpoint (the run's config hash names the trial it stands for);
+- a trial that fails because of its own config or numerics (a ``UserError``, a NaN/inf objective) is recorded as
+  FAIL with the reason in its ``failure`` user attribute, and the sweep goes on (it stops after
+  ``max_consecutive_failures`` in a row); any other error (a store, a disk, a bug) queues the trial again and
+  stops the sweep with one line saying what broke: it never consumes the study (dmg/trials.py);
+- each job gets ``<trial_key>={study, number, origin, params}`` so that its MLflow run can be tagged;
 - ``conditional_params`` are sampled only when other parameters take given values (``mask.val`` for
   ``mask=scalar``) and ``group=glob(*)`` searches over every option of a config group.
 """
@@ -20,12 +24,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import threading
-import warnings
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +38,51 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
     create_params_from_overrides,
 )
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 
-from dmg.errors import UserError
+from dmg.errors import BadValue, UserError, check_number
+from dmg.stores import create_sqlite_atomically, store_lock
+from dmg.trials import (
+    COMPLETE,
+    PROCESS_ATTR,
+    RETRY,
+    claim,
+    finished,
+    heartbeat,
+    origin,
+    record,
+    requeue,
+    requeue_abandoned,
+    retry,
+    running,
+)
 
 log = logging.getLogger(__name__)
 
-FAILURE_ATTR = "failure"  # user attribute of a trial that failed on its own (not by a killed process)
 Condition = tuple[dict[str, Any], BaseDistribution]
+OPTIONS = {"n_trials": 1, "n_jobs": 1, "heartbeat_interval": 1, "max_consecutive_failures": 1}
 
 
-class SweepFailed(Exception):
-    """Too many trials in a row failed: the search space or the config is probably broken."""
+class SweepFailed(UserError):
+    """Too many trials in a row failed because of their configs: the search space or the config is probably broken."""
+
+
+class SweepStopped(UserError):
+    """A trial was stopped by something outside its config (a store, a disk, a bug); it is queued again."""
+
+
+def check_options(sweeper: DictConfig | Mapping) -> None:
+    """One-line errors for sweeper options out of range, before anything is written."""
+    for name, least in OPTIONS.items():
+        value = sweeper.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise BadValue(f"hydra.sweeper.{name}", f"an integer >= {least}", value)
+    if sweeper.get("grace_period") is not None:
+        check_number("hydra.sweeper.grace_period", sweeper.get("grace_period"), above=0)
+    if str(sweeper.get("direction")) not in ("maximize", "minimize"):
+        raise BadValue("hydra.sweeper.direction", "maximize or minimize", sweeper.get("direction"))
 
 
 class ResumableOptuna(OptunaSweeperImpl):
@@ -73,15 +105,14 @@ class ResumableOptuna(OptunaSweeperImpl):
         trial_key: str | None = "tracking.trial",
         results_file: str = "optimization_results.yaml",
     ) -> None:
+        check_options(locals())
         super().__init__(
             sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params
         )
         if isinstance(sampler, functools.partial):  # the grid sampler, built from the search space
             raise UserError("for a grid use Hydra's basic sweeper (python launch.py -m name=a,b,c), not dmg_optuna")
-        if len(self._get_directions()) != 1:
-            raise UserError("dmg_optuna optimises one objective: give hydra.sweeper.direction one value")
         self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period
+        self.grace_period = grace_period or 2 * heartbeat_interval
         self.max_consecutive_failures = max_consecutive_failures
         self.trial_key = trial_key
         self.results_file = Path(results_file)
@@ -93,19 +124,41 @@ class ResumableOptuna(OptunaSweeperImpl):
         space, fixed = self.parse_search_space(arguments)
         study = self.open_study()
         failures_in_a_row = 0
-        while (size := self.batch_size(study)) > 0:
-            trials = [study.ask() for _ in range(size)]
-            overrides = self.trial_overrides(study, trials, space, fixed)
-            with heartbeat(study._storage, trials, self.heartbeat_interval):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
-            for trial, job in zip(trials, returns):
-                failures_in_a_row = 0 if record(study, trial, job) else failures_in_a_row + 1
+        while finished(study.get_trials(deepcopy=False)) < self.n_trials:
+            size = self.batch_size(study)
+            if size == 0:
+                self.wait_for_others(study)
+                continue
+            trials = [claim(study.ask()) for _ in range(size)]
+            outcomes = [
+                record(study, trial, job) for trial, job in zip(trials, self.run_trials(study, trials, space, fixed))
+            ]
+            if RETRY in outcomes:
+                raise SweepStopped(
+                    f"a trial of study {study.study_name} was stopped by a problem outside its config (see the "
+                    "warning above); it is queued again: fix the problem and rerun the same command"
+                )
+            for outcome in outcomes:
+                failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
             if failures_in_a_row >= self.max_consecutive_failures:
                 raise SweepFailed(
-                    f"the last {failures_in_a_row} trials of study {study.study_name} failed; see the log above"
+                    f"the last {failures_in_a_row} trials of study {study.study_name} failed because of their "
+                    "configs (the reasons are logged above); fix the search space or the config"
                 )
         save_results(study, self.results_file)
+
+    def run_trials(self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict) -> list[JobReturn]:
+        """Launch the trials' jobs with heartbeats; if this process is stopped meanwhile, queue them again."""
+        overrides = self.trial_overrides(study, trials, space, fixed)
+        try:
+            with heartbeat(study._storage, trials, self.heartbeat_interval):
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+        except BaseException as error:
+            for trial in trials:
+                requeue(study, trial, f"the sweep stopped ({type(error).__name__})")
+            raise
+        self.job_idx += len(returns)
+        return returns
 
     def parse_search_space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
         """Distributions of the sampled parameters and the fixed overrides, from ``params`` then the command line."""
@@ -116,24 +169,24 @@ class ResumableOptuna(OptunaSweeperImpl):
         return {name: value for name, value in space.items() if name not in fixed}, fixed
 
     def open_study(self) -> optuna.Study:
-        """Load (or create) the study; a storage URL gets heartbeats and re-queues the trials of dead processes."""
+        """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole."""
         storage = self.storage
-        if isinstance(storage, str):
-            with stable_enough():
-                retry = optuna.storages.RetryFailedTrialCallback()
-            storage = optuna.storages.RDBStorage(
-                storage,
-                heartbeat_interval=self.heartbeat_interval,
-                grace_period=self.grace_period,
-                failed_trial_callback=retry,
+        with store_lock(storage or ""):
+            if isinstance(storage, str):
+                create_sqlite_atomically(storage, _create_optuna_tables)
+                storage = optuna.storages.RDBStorage(
+                    storage,
+                    heartbeat_interval=self.heartbeat_interval,
+                    grace_period=self.grace_period,
+                    failed_trial_callback=retry,
+                )
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=storage,
+                sampler=self.sampler,
+                direction=self._get_directions()[0],
+                load_if_exists=True,
             )
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=storage,
-            sampler=self.sampler,
-            direction=self._get_directions()[0],
-            load_if_exists=True,
-        )
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
             self.sampler.reseed_rng()
@@ -142,11 +195,22 @@ class ResumableOptuna(OptunaSweeperImpl):
 
     def batch_size(self, study: optuna.Study) -> int:
         """How many trials to start now: at most ``n_jobs``, and no more than the study still lacks."""
-        with stable_enough():
-            optuna.storages.fail_stale_trials(study)
+        requeue_abandoned(study, self.grace_period)
         trials = study.get_trials(deepcopy=False)
-        running = sum(trial.state == TrialState.RUNNING for trial in trials)
-        return max(0, min(self.n_jobs, self.n_trials - finished(trials) - running))
+        busy = sum(trial.state == TrialState.RUNNING for trial in trials)
+        return max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+
+    def wait_for_others(self, study: optuna.Study) -> None:
+        """The study lacks only trials that other live processes run: wait for them (or for them to go silent)."""
+        others = ", ".join(f"{trial.number} ({_process_name(trial)})" for trial in running(study))
+        log.info(
+            "study %s: waiting for trials %s; a trial is queued again if its process dies or its heartbeat stops "
+            "for %s s",
+            study.study_name,
+            others,
+            self.grace_period,
+        )
+        time.sleep(self.heartbeat_interval)
 
     def trial_overrides(
         self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict
@@ -160,60 +224,14 @@ class ResumableOptuna(OptunaSweeperImpl):
         ]
 
 
-@contextmanager
-def stable_enough() -> Iterator[None]:
-    """Heartbeats and trial retries are marked experimental in optuna 2.10, the version hydra-optuna-sweeper pins."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
+def _process_name(trial) -> str:
+    process = trial.system_attrs.get(PROCESS_ATTR) or {}
+    return f"process {process.get('pid', '?')} on {process.get('host', '?')}"
 
 
-def finished(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that count toward ``n_trials``: completed, pruned, or failed on their own (not killed)."""
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or FAILURE_ATTR in t.user_attrs for t in trials)
-
-
-def record(study: optuna.Study, trial: Trial, job: JobReturn) -> bool:
-    """Tell the study how the trial's job ended; returns whether it completed."""
-    try:
-        value = float(job.return_value)  # re-raises the job's exception
-    except Exception as error:  # noqa: BLE001 - any failure of a job is a failed trial
-        return fail(study, trial, f"{type(error).__name__}: {error}", None if isinstance(error, UserError) else error)
-    if not math.isfinite(value):
-        return fail(study, trial, f"the objective is {value}", None)
-    study.tell(trial, values=[value])
-    return True
-
-
-def fail(study: optuna.Study, trial: Trial, reason: str, error: BaseException | None) -> bool:
-    trial.set_user_attr(FAILURE_ATTR, reason[:1000])
-    study.tell(trial, state=TrialState.FAIL)
-    log.warning("trial %d failed: %s", trial.number, reason, exc_info=error)
-    return False
-
-
-@contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trials: list[Trial], interval: int) -> Iterator[None]:
-    """Record the trials' heartbeats every ``interval`` seconds while their jobs run."""
-    if not storage.is_heartbeat_enabled():
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            for trial in trials:
-                storage.record_heartbeat(trial._trial_id)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name="optuna-heartbeat")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+def _create_optuna_tables(url: str) -> None:
+    storage = optuna.storages.RDBStorage(url)
+    storage.engine.dispose()
 
 
 def save_results(study: optuna.Study, path: Path) -> dict:
@@ -241,9 +259,12 @@ def save_results(study: optuna.Study, path: Path) -> dict:
 
 
 def describe(study_name: str, trial: Trial) -> str:
-    """The trial as a Hydra override value: ``{study:'s',number:3,params:{mask:'scalar',mask.val:1.2}}``."""
+    """The trial as a Hydra override value: ``{study:'s',number:3,origin:3,params:{mask:'scalar',mask.val:1.2}}``.
+
+    ``origin`` is the trial it stands for: itself, or the first trial of its retries (see dmg/trials.py).
+    """
     params = ",".join(f"{name}:{hydra_literal(value)}" for name, value in trial.params.items())
-    return f"{{study:{hydra_literal(study_name)},number:{trial.number},params:{{{params}}}}}"
+    return f"{{study:{hydra_literal(study_name)},number:{trial.number},origin:{origin(trial)},params:{{{params}}}}}"
 
 
 def hydra_literal(value: Any) -> str:

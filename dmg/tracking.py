@@ -1,7 +1,8 @@
-"""MLflow tracking of a run: config as params, per-epoch metrics, checkpoints, summary and plots.
+"""MLflow tracking of a run: config as params, per-epoch metrics, the selected model, summary and plots.
 
 Runs carry a ``config_hash`` tag (the hash of everything that determines the result) so that rerunning an
-interrupted run's command finds its MLflow run and continues it.
+interrupted run's command finds its MLflow run and continues it. Metric logging is idempotent per (key, step):
+a run resumed after a kill anywhere never records a step twice.
 """
 
 from __future__ import annotations
@@ -9,26 +10,44 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
+import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import matplotlib.pyplot
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import DatasetInput, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
 
-BOOKKEEPING_KEYS = ("resume", "tracking", "checkpoint_dir", "num_workers", "progress")
+from dmg.errors import RunInProgress
+from dmg.stores import mlflow_client
+
+log = logging.getLogger(__name__)
+
+BOOKKEEPING_KEYS = ("resume", "tracking", "checkpoint_dir", "num_workers", "progress", "keep_checkpoints")
+HOST_TAG, PID_TAG = "dmg.host", "dmg.pid"
+ENDED = ("KILLED", "FAILED")
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus bookkeeping keys: equal hashes mean the same experiment."""
+    """Hash of the resolved config minus bookkeeping keys: equal hashes mean the same experiment.
+
+    A trial of an Optuna sweep also hashes its study and the trial it stands for (``tracking.trial.origin``: a
+    trial queued again after its process died stands for the original), so two trials that sample the same
+    values are two runs, while a re-queued trial continues the run of the trial it replaces.
+    """
     content = OmegaConf.to_container(cfg, resolve=True)
+    trial = (content.get("tracking") or {}).get("trial") or {}
     for key in BOOKKEEPING_KEYS:
         content.pop(key, None)
+    if trial:
+        content["trial"] = [trial.get("study"), trial.get("origin", trial.get("number"))]
     return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -50,25 +69,55 @@ class Tracker:
         self.run_id = run_id
         self.lock = lock
         self.resumed = resumed
+        self.logged_steps = logged_steps(client, run_id) if resumed else {}
 
     @classmethod
-    def start(cls, cfg: DictConfig, tags: dict[str, str], checkpoint_root: Path) -> Tracker:
-        """Continue the interrupted run of this exact config (``resume=auto``) or start a new one."""
-        client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    def start(
+        cls, cfg: DictConfig, tags: dict[str, str], checkpoint_root: Path, dataset: DatasetInput | None = None
+    ) -> Tracker:
+        """Continue the interrupted run of this exact config (``resume`` auto/skip_finished) or start a new one.
+
+        Raises :class:`RunInProgress` when a live process holds that run. Finding or creating the run is done
+        under a lock per config, so two identical commands started together never make two runs.
+        """
+        client = mlflow_client(cfg.tracking.uri)
         experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
-        if cfg.resume != "never":
-            for run in _runs_of_config(client, experiment, digest, finished=False):
-                lock = RunLock(checkpoint_root / run.info.run_id)
-                if (lock.directory / "last.pt").exists() and lock.acquire():
-                    client.update_run(run.info.run_id, status="RUNNING")
-                    return cls(client, run.info.run_id, lock, resumed=True)
-        run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags={**tags, "config_hash": digest})
-        lock = RunLock(checkpoint_root / run.info.run_id)
-        lock.acquire()
+        tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        with config_lock(checkpoint_root, digest):
+            if cfg.resume != "never" and (tracker := cls._continue(client, experiment, digest, checkpoint_root)):
+                client.log_batch(tracker.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+                return tracker
+            run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
+            lock = RunLock(checkpoint_root / run.info.run_id)
+            lock.acquire()
         tracker = cls(client, run.info.run_id, lock, resumed=False)
         tracker.log_config(cfg)
+        if dataset:
+            client.log_inputs(run.info.run_id, datasets=[dataset])
         return tracker
+
+    @classmethod
+    def _continue(cls, client: MlflowClient, experiment: str, digest: str, checkpoint_root: Path) -> Tracker | None:
+        """The newest unfinished run of the config that this machine may take over, locked; None if there is none."""
+        for run in _runs_of_config(client, experiment, digest, finished=False):
+            lock = RunLock(checkpoint_root / run.info.run_id)
+            if not (lock.directory.exists() or _ran_here(run) or run.info.status in ENDED):
+                log.warning(
+                    "run %s of this config is %s on host %s: leaving it alone",
+                    run.info.run_id,
+                    run.info.status,
+                    run.data.tags.get(HOST_TAG, "?"),
+                )
+                continue
+            if not lock.acquire():
+                raise RunInProgress(
+                    f"run {run.info.run_id} of this config is in progress ({lock.holder()}): wait for it to end, "
+                    "or pass resume=never to start a separate run"
+                )
+            client.update_run(run.info.run_id, status="RUNNING")
+            return cls(client, run.info.run_id, lock, resumed=True)
+        return None
 
     @property
     def directory(self) -> Path:
@@ -82,8 +131,12 @@ class Tracker:
         self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log the metrics of ``step``, except those this run already holds for that step (a resumed run)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+        new = [Metric(key, value, now, step) for key, value in metrics.items() if self.logged_steps.get(key, -1) < step]
+        for start in range(0, len(new), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=new[start : start + MAX_METRICS_PER_BATCH])
+        self.logged_steps.update({metric.key: step for metric in new})
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -101,12 +154,28 @@ class Tracker:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with ``status``; the run stays locked until :meth:`release`."""
         self.client.set_terminated(self.run_id, status)
+
+    def release(self) -> None:
         self.lock.release()
 
 
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step logged for each metric of a run (metrics are logged in increasing steps)."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: max(metric.step for metric in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def _ran_here(run: Run) -> bool:
+    return run.data.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
+
+
 class RunLock:
-    """An exclusive lock on a run's folder, held while the run is alive; the OS frees it if the process dies."""
+    """An exclusive lock on a run's folder, held while the run is alive; the OS frees it if the process dies.
+
+    The lock file names its holder (host and pid), so a second process can say who runs the run.
+    """
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -114,14 +183,23 @@ class RunLock:
 
     def acquire(self) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
-        file = open(self.directory / "lock", "a")
+        file = open(self.directory / "lock", "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.close()
             return False
+        file.truncate(0)
+        file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
+        file.flush()
         self._file = file
         return True
+
+    def holder(self) -> str:
+        try:
+            return (self.directory / "lock").read_text().strip() or "another process"
+        except OSError:
+            return "another process"
 
     def release(self) -> None:
         if self._file:
@@ -129,8 +207,23 @@ class RunLock:
             self._file = None
 
 
+class config_lock:  # noqa: N801 - used as a context manager, like a function
+    """Serialises finding or creating the run of one config among the processes sharing ``checkpoint_root``."""
+
+    def __init__(self, checkpoint_root: Path, digest: str):
+        self.path = checkpoint_root / ".locks" / f"{digest}.lock"
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created (with the database) if needed; safe when another process creates it too."""
+    """The experiment's id, created if needed; safe when another process creates it too."""
     for _ in range(3):
         experiment = client.get_experiment_by_name(name)
         if experiment:
@@ -151,7 +244,7 @@ def _runs_of_config(client: MlflowClient, experiment_id: str, digest: str, finis
 
 def finished_run(cfg: DictConfig) -> Run | None:
     """The newest finished run of exactly this config (same hash) in its experiment, if there is one."""
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    client = mlflow_client(cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = _runs_of_config(client, experiment.experiment_id, config_hash(cfg), True, 1) if experiment else []
     return runs[0] if runs else None

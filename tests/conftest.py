@@ -12,7 +12,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A fast run on the embedded data: 1,200 digits, a narrow CNN, few epochs.
 QUICK = [
-    "dataset.builder.max_images=1200",
+    "dataset.max_images=1200",
     "backbone=small_cnn",
     "backbone.network.width=8",
     "epochs=2",

@@ -31,7 +31,7 @@ def epoch_metrics(client, run_id, key):
 
 @pytest.mark.slow
 def test_launch_py_trains_and_logs_everything_to_mlflow(tmp_path):
-    command = [sys.executable, "launch.py", "dataset.builder.max_images=1200", "backbone.network.width=8", "epochs=2"]
+    command = [sys.executable, "launch.py", "dataset.max_images=1200", "backbone.network.width=8", "epochs=2"]
     command += [
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"checkpoint_dir={tmp_path}/ckpt",
@@ -130,7 +130,7 @@ def test_finished_run_is_not_resumed(quick_config, tmp_path):
 )
 def test_bad_input_gets_one_clear_error_and_writes_nothing(isolated, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
-        run(compose_config(["dataset.builder.max_images=600", *isolated, *overrides]))
+        run(compose_config(["dataset.max_images=600", *isolated, *overrides]))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -180,4 +180,4 @@ def test_skip_finished_reports_the_finished_run_without_training_again(quick_con
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(isolated):
     with pytest.raises(UserError, match="PyTorch sees no CUDA GPU here"):
-        run(compose_config(["dataset.builder.max_images=600", *isolated, "device=cuda"]))
+        run(compose_config(["dataset.max_images=600", *isolated, "device=cuda"]))

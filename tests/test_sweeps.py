@@ -4,6 +4,11 @@ failed and NaN trials) and the leave-one-domain-out multirun on submitit's local
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,14 +16,15 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from dmg import report
-from dmg.errors import UserError
-from dmg.experiment import run
-from dmg.sweeps import SweepFailed, describe, expand_glob
+from dmg.errors import SetupError, UserError
+from dmg.sweeps import SweepFailed, SweepStopped, describe, expand_glob
+from launch import task as launch_task
 from tests.conftest import CONF_DIR
 
 
@@ -27,7 +33,7 @@ def project_multirun(hydra_sweep_runner, overrides: list[str], tmp_path: Path):
     return hydra_sweep_runner(
         calling_file=__file__,
         calling_module=None,
-        task_function=run,
+        task_function=launch_task,
         config_path=str(CONF_DIR),
         config_name="config",
         overrides=overrides,
@@ -36,7 +42,7 @@ def project_multirun(hydra_sweep_runner, overrides: list[str], tmp_path: Path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["dataset.builder.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false"]
+TINY = ["dataset.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false"]
 FAKE_APP = """
 defaults:
   - override hydra/sweeper: dmg_optuna
@@ -96,6 +102,7 @@ def test_trial_description_reads_back_through_hydras_override_parser():
     assert parsed == {
         "study": "it's",
         "number": 0,
+        "origin": 0,
         "params": {"mask": "scalar", "mask.val": 0.25, "method.sparsity_lambda": 1e-05},
     }
 
@@ -126,57 +133,73 @@ def test_recipes_compose_with_their_sweeper_launcher_and_callbacks():
         sweeper.params
     )
     assert sweeper.conditional_params["mask.val"].when == {"mask": "scalar"}
-    assert set(search.hydra.callbacks) == {"tracking_store", "mlflow_parent_run"}
+    assert set(search.hydra.callbacks) == {"preflight", "mlflow_parent_run"}
     launcher = search.hydra.launcher
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 720)
     assert loo.hydra.sweeper.params.seed == "0,1,2" and loo.method.name == "aggregate"
 
 
-def test_failed_and_nan_trials_are_recorded_as_failed_and_the_sweep_goes_on(fake_sweep):
+def test_trials_failing_by_their_config_or_numerics_count_as_failed_and_the_sweep_goes_on(fake_sweep):
     def task(number, x):
         if number == 1:
             return math.nan
         if number == 2:
             raise UserError("bad input")
-        if number == 3:
-            raise RuntimeError("crash")
         return x
 
-    results = fake_sweep(task, 5)
+    results = fake_sweep(task, 4)
     trials = load_study(fake_sweep.storage, "fake").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
-    assert [t.user_attrs.get("failure") for t in trials[1:4]] == [
-        "the objective is nan",
-        "UserError: bad input",
-        "RuntimeError: crash",
-    ]
-    best = max((trials[0], trials[4]), key=lambda t: t.value)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 2 + [TrialState.COMPLETE]
+    assert [t.user_attrs.get("failure") for t in trials[1:3]] == ["the objective is nan", "UserError: bad input"]
+    best = max((trials[0], trials[3]), key=lambda t: t.value)
     assert results["best_trial"] == best.number and results["best_value"] == best.value
-    assert results["best_params"] == {"x": best.params["x"]} and results["trials"] == {"complete": 2, "fail": 3}
+    assert results["best_params"] == {"x": best.params["x"]} and results["trials"] == {"complete": 2, "fail": 2}
 
 
-def test_sweep_stops_after_too_many_failures_in_a_row(fake_sweep):
+@pytest.mark.parametrize("error", [RuntimeError("crash"), SetupError("store unreachable"), OSError(28, "No space")])
+def test_an_error_outside_the_config_requeues_the_trial_stops_the_sweep_and_never_consumes_the_study(fake_sweep, error):
+    seen = []
+
+    def broken_once(number, x):
+        seen.append((number, x))
+        if number == 1:
+            raise error
+        return x
+
+    with pytest.raises(SweepStopped, match="queued again: fix the problem and rerun the same command"):
+        fake_sweep(broken_once, 3)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert "failure" not in trials[1].user_attrs  # not counted as a failure of the config
+    results = fake_sweep(broken_once, 3)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert results["trials"] == {"complete": 3, "fail": 1} and seen[2] == (2, seen[1][1])  # same params again
+    assert trials[2].system_attrs["failed_trial"] == 1
+
+
+def test_sweep_stops_after_too_many_config_failures_in_a_row_with_one_line(fake_sweep):
     def task(number, x):
-        raise RuntimeError("every trial fails")
+        raise UserError("every trial is misconfigured")
 
-    with pytest.raises(SweepFailed, match="the last 2 trials of study fake failed"):
+    with pytest.raises(SweepFailed, match="the last 2 trials of study fake failed") as failure:
         fake_sweep(task, 10, "hydra.sweeper.max_consecutive_failures=2")
+    assert isinstance(failure.value, CompactHydraException)  # Hydra prints it as one line
     assert len(load_study(fake_sweep.storage, "fake").trials) == 2
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(fake_sweep):
+def test_interrupted_sweep_resumes_at_once_without_rerunning_finished_trials(fake_sweep):
     calls = []
 
     def interrupted(number, x):
         calls.append((number, x))
         if number == 1:
-            raise KeyboardInterrupt  # the sweep process dies while trial 1 runs
+            raise KeyboardInterrupt  # Ctrl-C while trial 1 runs
         return x
 
     with pytest.raises(KeyboardInterrupt):
         fake_sweep(interrupted, 3)
-    assert [t.state for t in load_study(fake_sweep.storage, "fake").trials] == [TrialState.COMPLETE, TrialState.RUNNING]
-    time.sleep(2.5)  # trial 1's heartbeat goes stale (grace period 1 s, SQLite clock in whole seconds)
+    states = [t.state for t in load_study(fake_sweep.storage, "fake").trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]  # trial 1 queued again at once
     first = list(calls)
     calls.clear()
     fake_sweep(lambda number, x: calls.append((number, x)) or x, 3)
@@ -187,6 +210,35 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(fake_sweep)
     assert calls[1][1] != first[0][1]  # the resumed sampler does not repeat its first suggestion
     fake_sweep(lambda number, x: calls.append((number, x)) or x, 3)
     assert len(calls) == 2  # the study is complete: a rerun does nothing
+
+
+def test_a_trial_whose_process_died_on_this_host_is_requeued_at_once(fake_sweep):
+    study = optuna.create_study(study_name="fake", storage=fake_sweep.storage, direction="maximize")
+    orphan = study.ask()
+    orphan.suggest_float("x", 0.0, 1.0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan.set_system_attr("process", {"host": socket.gethostname(), "pid": dead.pid, "started": "0"})
+    start = time.monotonic()
+    fake_sweep(lambda number, x: x, 2)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert time.monotonic() - start < 30  # no waiting for a heartbeat grace period
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params == orphan.params and trials[1].system_attrs["failed_trial"] == 0
+
+
+def test_a_worker_waits_for_trials_of_live_processes_before_ending(fake_sweep):
+    study = optuna.create_study(study_name="fake", storage=fake_sweep.storage, direction="maximize")
+    busy = study.ask()
+    busy.suggest_float("x", 0.0, 1.0)
+    busy.set_system_attr("process", {"host": socket.gethostname(), "pid": os.getpid(), "started": None})
+    finisher = threading.Timer(2.0, lambda: study.tell(busy, 0.5))  # "another worker" completes its trial
+    finisher.start()
+    start = time.monotonic()
+    results = fake_sweep(lambda number, x: x, 2)
+    finisher.join()
+    assert time.monotonic() - start >= 2.0  # it waited instead of ending with the study incomplete
+    assert results["trials"] == {"complete": 2}
 
 
 @pytest.mark.slow
@@ -217,7 +269,7 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
     assert parent.info.status == "FINISHED" and len(children) == 3
     for trial, child in zip(study.trials, children):
         tags = child.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == f"trial-{trial.number}"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == f"trial-{trial.number}-rot30"
         assert {key: tags[f"trial.{key}"] for key in trial.params} == {
             key: str(value) for key, value in trial.params.items()
         }

@@ -17,6 +17,14 @@ from dmg.errors import UserError
 StageHook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+class InputTooSmall(UserError):
+    """The backbone cannot take images this small; ``smallest`` is the smallest square size it takes."""
+
+    def __init__(self, size: int, smallest: int):
+        super().__init__(f"this backbone cannot take {size}x{size} inputs: the smallest it takes is {smallest} px")
+        self.size, self.smallest = size, smallest
+
+
 class StagedNetwork(nn.Module):
     """Runs its stages one after another; ``run`` can start and stop at any stage and transform stage inputs."""
 
@@ -51,7 +59,37 @@ class StagedNetwork(nn.Module):
 
     @torch.no_grad()
     def stage_input_shapes(self, input_shape: Sequence[int]) -> dict[str, torch.Size]:
-        """Shape of each stage's input for a batch of two ``input_shape`` images (found by a dry run)."""
+        """Shape of each stage's input for a batch of two ``input_shape`` images (found by a dry run).
+
+        Raises :class:`InputTooSmall` when the images are too small for the network and a larger size fits.
+        """
+        try:
+            return self._dry_run(input_shape)
+        except RuntimeError as error:
+            smallest = self.smallest_input_size(input_shape)
+            if smallest is not None and smallest > input_shape[-1]:
+                raise InputTooSmall(input_shape[-1], smallest) from None
+            raise UserError(f"this backbone cannot take inputs of shape {tuple(input_shape)}: {error}") from None
+
+    def smallest_input_size(self, input_shape: Sequence[int], largest: int = 1024) -> int | None:
+        """The smallest square image size in ``(input size, largest]`` the network takes (binary search)."""
+        low, high = input_shape[-1], largest  # low fails; find the first size that works
+        if not self._fits(input_shape, high):
+            return None
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self._fits(input_shape, middle) else (middle, high)
+        return high
+
+    def _fits(self, input_shape: Sequence[int], size: int) -> bool:
+        try:
+            self._dry_run([*input_shape[:-2], size, size])
+            return True
+        except RuntimeError:
+            return False
+
+    @torch.no_grad()
+    def _dry_run(self, input_shape: Sequence[int]) -> dict[str, torch.Size]:
         shapes = {}
 
         def record(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +101,6 @@ class StagedNetwork(nn.Module):
         device = next(self.parameters()).device
         try:
             self.run(torch.zeros(2, *input_shape, device=device), before=record)
-        except RuntimeError as error:
-            raise UserError(f"this backbone cannot take inputs of shape {tuple(input_shape)}: {error}") from None
         finally:
             self.train(was_training)
         return shapes

@@ -1,0 +1,118 @@
+"""Checks of a composed config before anything runs: every mistake is one line naming the key and the fix.
+
+Two kinds of check:
+- ``check_overrides`` compares the config with the one the same config groups give without the user's values
+  (the "reference"): a top-level key the reference lacks is a typo (``+epoch=3``), and a value whose type differs
+  from the reference's default (``optim.lr=abc``) is rejected. New keys and groups are covered automatically.
+- ``check_settings`` checks the ranges of the top-level keys and that the folders and stores can be written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dmg.errors import BadValue, SetupError, UserError
+from dmg.stores import check_store_uri
+
+RESUME_MODES = ("auto", "skip_finished", "never")
+KEEP_CHECKPOINTS = ("selected", "all", "none")
+COUNTS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "num_workers": 0}
+CHOICES = {"resume": RESUME_MODES, "keep_checkpoints": KEEP_CHECKPOINTS}
+
+
+def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str = "config") -> None:
+    """Reject unknown top-level keys and values of the wrong type, by comparison with the reference config."""
+    reference = compose(config_name, overrides=group_choices(overrides))
+    unknown = [key for key in cfg if key not in reference and key != "hydra"]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(reference), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown setting {key!r}: {hint}the top-level keys are {', '.join(reference)}")
+    for key, default, value in _leaves(reference, cfg):
+        problem = type_problem(default, value)
+        if problem:
+            raise BadValue(key, f"{problem} (default: {_show(default)})", value)
+
+
+def group_choices(overrides: Sequence[str]) -> list[str]:
+    """The overrides that choose config-group options (``dataset=pacs``, ``+sweep=dmg_search``), not values."""
+    repository = GlobalHydra.instance().config_loader().repository
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [override.input_line for override in parsed if repository.group_exists(override.key_or_group)]
+
+
+def _leaves(reference: DictConfig, actual: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(key, default, value)`` for every setting the reference gives a default (interpolations resolved)."""
+    for key in reference:
+        default, value = _value(reference, key), _value(actual, key)
+        if key == "hydra" or default is None or default is UNRESOLVED or value is UNRESOLVED:
+            continue
+        if isinstance(default, DictConfig) and isinstance(value, DictConfig):
+            yield from _leaves(default, value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", default, value
+
+
+UNRESOLVED = object()
+
+
+def _value(node: DictConfig, key: Any) -> Any:
+    """``node[key]``, or ``UNRESOLVED`` if it is absent, missing or its interpolation fails (checked where used)."""
+    try:
+        return node[key] if key in node and not OmegaConf.is_missing(node, key) else UNRESOLVED
+    except Exception:  # noqa: BLE001 - omegaconf raises many types for an interpolation it cannot resolve
+        return UNRESOLVED
+
+
+def type_problem(default: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` where the config's default is ``default``; None if its type fits."""
+    checks = (
+        (bool, lambda v: isinstance(v, bool), "true or false"),
+        (int, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        ((list, ListConfig), lambda v: isinstance(v, (list, ListConfig)), "a list such as [a,b]"),
+        ((Mapping, DictConfig), lambda v: isinstance(v, (Mapping, DictConfig)), "a mapping such as {a: 1}"),
+    )
+    for kind, fits, expected in checks:
+        if isinstance(default, kind):
+            return None if fits(value) else expected
+    return None  # strings and anything else: checked by the code that uses them
+
+
+def _show(value: Any) -> str:
+    return OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else repr(value)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Ranges of the top-level settings, then whether the checkpoint folder and tracking store are usable."""
+    for key, least in COUNTS.items():
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise BadValue(key, f"an integer >= {least}", value)
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            raise BadValue(key, f"one of {', '.join(choices)}", cfg[key])
+    check_writable_folder(cfg.checkpoint_dir, "checkpoint_dir")
+    check_store_uri(str(cfg.tracking.uri), "tracking.uri")
+
+
+def check_writable_folder(path: str | os.PathLike, key: str) -> None:
+    """The folder exists and is writable, or can be created; nothing is created here."""
+    folder = Path(path).expanduser().absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SetupError(f"{key}={path}: {existing} is a file, not a folder; give a folder to write into")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"{key}={path}: {existing} is not writable by this user; give a writable folder")

@@ -1,0 +1,49 @@
+"""SIGTERM, what schedulers send at a time limit or on preemption, stops a run the way Ctrl-C does."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dmg.errors import Terminated
+
+_received: list[int] = []
+
+
+def stop_requested() -> bool:
+    """Whether this process was asked to stop (SIGTERM or Ctrl-C) inside :func:`sigterm_raises`."""
+    return bool(_received)
+
+
+def _raise_terminated(signum, frame) -> None:
+    _received.append(signum)
+    raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within this block SIGTERM raises :class:`Terminated` in the main thread, so runs end KILLED, not RUNNING.
+
+    Handlers someone else installed (submitit's, which requeues a preempted SLURM job) are left in place.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {signal.SIGTERM: (signal.SIG_DFL, _raise_terminated)}
+    handlers[signal.SIGINT] = (signal.default_int_handler, _raise_keyboard_interrupt)
+    previous = {}
+    for signum, (default, ours) in handlers.items():
+        if signal.getsignal(signum) == default:
+            previous[signum] = signal.signal(signum, ours)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,200 @@
+"""Opening the MLflow and Optuna stores safely, and checking them before a run writes anything.
+
+Several processes (single runs, job-array tasks, sweep workers) often start at the same instant on a fresh
+directory. A SQLite store is created and schema-migrated by its first user; done by two processes at once, the
+migration corrupts it. Here every process opens a SQLite store while holding an exclusive lock on a file beside it
+(``mlflow.db.lock``), so the store is created and migrated exactly once; a database server needs no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from dmg.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
+USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000, postgresql://user@host/db or file:./mlruns"
+
+
+def scheme(uri: str) -> str:
+    """``sqlite`` for ``sqlite:///x.db``, ``postgresql`` for ``postgresql+psycopg2://...``; ``file`` for a path."""
+    head, separator, _ = uri.partition(":")
+    if not separator or len(head) == 1:  # a plain path, or a Windows drive letter
+        return "file"
+    return head.split("+")[0].lower()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory databases."""
+    if scheme(uri) != "sqlite":
+        return None
+    database = uri.split(":", 1)[1].removeprefix("///")
+    if not database or database.startswith(":memory:") or database == "//":
+        return None
+    return Path(database.split("?")[0]).expanduser()
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.lock`` beside a SQLite store (a no-op for database servers)."""
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def check_store_uri(uri: str, key: str, timeout: float = 5.0) -> None:
+    """Raise a one-line :class:`SetupError` naming ``key`` unless ``uri`` is a store this run can use; writes nothing."""
+    kind = scheme(uri)
+    if kind == "sqlite":
+        _check_sqlite(uri, key)
+    elif kind in SERVER_SCHEMES:
+        _check_server(uri, key, timeout)
+    elif kind in DATABASE_SCHEMES:
+        _check_driver(uri, key)
+    elif kind != "file":
+        raise SetupError(f"{key}={uri}: unknown store scheme {kind!r}; expected {USAGE}")
+
+
+def _check_sqlite(uri: str, key: str) -> None:
+    database = sqlite_file(uri)
+    if database is None:
+        raise SetupError(f"{key}={uri}: an in-memory database keeps nothing; expected {USAGE}")
+    if database.is_dir():
+        raise SetupError(f"{key}={uri}: {database} is a folder; name a database file, e.g. sqlite:///mlflow.db")
+    if database.exists():
+        if not os.access(database, os.R_OK | os.W_OK):
+            raise SetupError(f"{key}={uri}: {database} is not readable and writable by this user")
+        with open(database, "rb") as handle:
+            header = handle.read(len(SQLITE_MAGIC))
+        if header and header != SQLITE_MAGIC:
+            raise SetupError(f"{key}={uri}: {database} is not a SQLite database; name another file or move it aside")
+    folder = _nearest_existing(database.parent)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise SetupError(f"{key}={uri}: cannot create files in {folder}; use a writable folder")
+    warn_if_network_file_system(database, key)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_server(uri: str, key: str, timeout: float) -> None:
+    """An MLflow tracking server answers ``/health``; checked with a short timeout instead of MLflow's retries."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise SetupError(
+            f"{key}={uri}: no MLflow server answers there ({reason}); start one with `mlflow server` "
+            "or use a local store such as sqlite:///mlflow.db"
+        ) from None
+
+
+def _check_driver(uri: str, key: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().dbapi()
+    except ImportError as error:
+        raise SetupError(
+            f'{key}={uri}: the database driver is not installed ({error}); for PostgreSQL: pip install -e ".[postgres]"'
+        ) from None
+    except Exception as error:  # noqa: BLE001 - sqlalchemy raises several types for a malformed URL
+        raise SetupError(f"{key}={uri}: not a usable database URL ({error}); expected {USAGE}") from None
+
+
+def warn_if_network_file_system(path: Path, key: str) -> None:
+    """SQLite's locking is unreliable on network file systems: say so once, with the alternative."""
+    file_system = file_system_type(_nearest_existing(path))
+    if file_system in NETWORK_FILE_SYSTEMS:
+        log.warning(
+            "%s: %s is on a network file system (%s), where SQLite locking is unreliable; "
+            "for several machines use a database server (docs/sweeps.md)",
+            key,
+            path,
+            file_system,
+        )
+
+
+def file_system_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (``ext4``, ``nfs4``, ...), from /proc/mounts where available."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    resolved = str(path.resolve())
+    matches = [
+        (point, kind) for point, kind in mounts if resolved == point or resolved.startswith(point.rstrip("/") + "/")
+    ]
+    return max(matches, key=lambda match: len(match[0]))[1] if matches else None
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """A client whose store exists and is migrated; a new SQLite store is created whole, under the lock beside it."""
+    try:
+        with store_lock(uri):
+            create_sqlite_atomically(uri, _create_mlflow_tables)
+            client = MlflowClient(tracking_uri=uri)  # opens (and checks) the store, once per process
+    except SetupError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a broken store
+        raise SetupError(
+            f"tracking.uri={uri}: cannot open the MLflow store ({_first_line(error)}); "
+            "if it was written by another MLflow version, back it up and run `mlflow db upgrade <uri>`"
+        ) from None
+    return client
+
+
+def create_sqlite_atomically(uri: str, create: Callable[[str], None]) -> None:
+    """Create a missing (or empty) SQLite store in a temporary file beside it, then move it into place.
+
+    Creating and migrating a store takes seconds and is not transactional: a process killed meanwhile would
+    leave a half-migrated database that no later process can open. Built aside, the store appears whole or not
+    at all. Call under :func:`store_lock`; ``create(url)`` builds the schema at ``url``.
+    """
+    database = sqlite_file(uri)
+    if database is None or (database.exists() and database.stat().st_size > 0):
+        return
+    partial = database.with_name(f"{database.name}.creating")
+    for leftover in (partial, *(partial.with_name(partial.name + end) for end in ("-journal", "-wal", "-shm"))):
+        leftover.unlink(missing_ok=True)  # left by a process killed while creating; we hold the lock
+    create(f"sqlite:///{partial.absolute()}")
+    os.replace(partial, database)
+
+
+def _create_mlflow_tables(url: str) -> None:
+    import mlflow.store.db.utils as db_utils
+
+    engine = db_utils.create_sqlalchemy_engine_with_retry(url)
+    try:
+        db_utils._initialize_tables(engine)
+    finally:
+        engine.dispose()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
