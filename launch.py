@@ -7,6 +7,7 @@ python launch.py method=aggregate target=rot0 optim.lr=3e-4
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,7 +35,7 @@ def task(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
-main = hydra.main(version_base="1.3", config_path="conf", config_name="config")(task)
+main = hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="config")(task)
 
 if __name__ == "__main__":
     try:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -23,6 +26,7 @@ from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
 from dmg import signals
+from dmg.errors import UserError
 from dmg.settings import check_overrides, check_settings
 from dmg.stores import mlflow_client
 from dmg.tracking import experiment_id
@@ -41,12 +45,26 @@ class Preflight(Callback):
         self.experiment = experiment
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        fixed = [override.input_line for override in overrides if not override.is_sweep_override()]
-        check_overrides(config, fixed, config.hydra.job.config_name)
-        check_settings(config)
-        check_sweeper(config.hydra.sweeper)
-        experiment_id(mlflow_client(self.tracking_uri), self.experiment)
+        with exit_on_user_error():
+            overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+            fixed = [override.input_line for override in overrides if not override.is_sweep_override()]
+            check_overrides(config, fixed, config.hydra.job.config_name)
+            check_settings(config)
+            check_sweeper(config.hydra.sweeper)
+            experiment_id(mlflow_client(self.tracking_uri), self.experiment)
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Hydra turns a callback's exception into a warning and goes on; bad input must stop the multirun instead.
+
+    A ``UserError`` is logged as one line and the process exits with status 1 (``SystemExit`` passes Hydra).
+    """
+    try:
+        yield
+    except UserError as error:
+        log.error("error: %s", error)
+        sys.exit(1)
 
 
 def check_sweeper(sweeper: DictConfig) -> None:
@@ -69,7 +87,8 @@ class SweepParentRun(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.client = mlflow_client(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs
+        with exit_on_user_error():
+            self.client = mlflow_client(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs
         self.run_id = self.find_or_create(experiment_id(self.client, self.experiment))
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self.end_unfinished)
@@ -85,7 +104,6 @@ class SweepParentRun(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)
-        atexit.unregister(self.end_unfinished)
         results = OmegaConf.to_container(OmegaConf.load(self.results_file))
         for name, value in results["best_params"].items():
             self.client.set_tag(self.run_id, f"best.{name}", str(value))
@@ -97,6 +115,7 @@ class SweepParentRun(Callback):
         )
         self.client.log_artifact(self.run_id, str(self.results_file))
         self.client.set_terminated(self.run_id, "FINISHED")
+        atexit.unregister(self.end_unfinished)
 
     def end_unfinished(self) -> None:
         """At exit without ``on_multirun_end``: the sweep was interrupted (KILLED) or failed (FAILED)."""

@@ -67,3 +67,9 @@ def check_number(key: str, value: Any, least: float | None = None, above: float 
         raise BadValue(key, f"a finite number > {above}", value)
     if not finite:
         raise BadValue(key, "a finite number", value)
+
+
+def check_count(key: str, value: Any, least: int) -> None:
+    """Raise :class:`BadValue` unless ``value`` is an integer ``>= least`` (booleans are not integers here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise BadValue(key, f"an integer >= {least}", value)

@@ -2,8 +2,8 @@
 
 Two kinds of check:
 - ``check_overrides`` compares the config with the one the same config groups give without the user's values
-  (the "reference"): a top-level key the reference lacks is a typo (``+epoch=3``), and a value whose type differs
-  from the reference's default (``optim.lr=abc``) is rejected. New keys and groups are covered automatically.
+  (the "reference"): a key the reference lacks is a typo (``+epoch=3``), and a value whose type differs from the
+  reference's default (``optim.lr=abc``) is rejected. New keys and groups are covered automatically.
 - ``check_settings`` checks the ranges of the top-level keys and that the folders and stores can be written.
 """
 
@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dmg.errors import BadValue, SetupError, UserError
+from dmg.errors import BadValue, SetupError, UserError, check_count
 from dmg.stores import check_store_uri
 
 RESUME_MODES = ("auto", "skip_finished", "never")
@@ -30,18 +30,32 @@ CHOICES = {"resume": RESUME_MODES, "keep_checkpoints": KEEP_CHECKPOINTS}
 
 
 def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str = "config") -> None:
-    """Reject unknown top-level keys and values of the wrong type, by comparison with the reference config."""
+    """Reject unknown keys and values of the wrong type, by comparison with the reference config."""
     reference = compose(config_name, overrides=group_choices(overrides))
-    unknown = [key for key in cfg if key not in reference and key != "hydra"]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, list(reference), n=1)
+    for key, known in _unknown_keys(reference, cfg):
+        name = key.rpartition(".")[2]
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"unknown setting {key!r}: {hint}the top-level keys are {', '.join(reference)}")
+        where = f"the keys of {key.rpartition('.')[0]}" if "." in key else "the top-level keys"
+        raise UserError(f"unknown setting {key!r}: {hint}{where} are {', '.join(known)}")
     for key, default, value in _leaves(reference, cfg):
         problem = type_problem(default, value)
         if problem:
             raise BadValue(key, f"{problem} (default: {_show(default)})", value)
+
+
+def _unknown_keys(reference: DictConfig, actual: DictConfig, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """``(key, the keys known there)`` for every key of ``actual`` that the reference config does not define."""
+    known = [str(key) for key in reference]
+    for key in actual:
+        if key == "hydra":
+            continue
+        if key not in reference:
+            yield f"{prefix}{key}", known
+            continue
+        inner, outer = _value(reference, key), _value(actual, key)
+        if isinstance(inner, DictConfig) and isinstance(outer, DictConfig):
+            yield from _unknown_keys(inner, outer, f"{prefix}{key}.")
 
 
 def group_choices(overrides: Sequence[str]) -> list[str]:
@@ -54,8 +68,10 @@ def group_choices(overrides: Sequence[str]) -> list[str]:
 def _leaves(reference: DictConfig, actual: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     """``(key, default, value)`` for every setting the reference gives a default (interpolations resolved)."""
     for key in reference:
+        if key == "hydra" or key in actual and OmegaConf.is_interpolation(actual, key):
+            continue  # an interpolated value is checked where it comes from (method.optimizer: ${optim.network})
         default, value = _value(reference, key), _value(actual, key)
-        if key == "hydra" or default is None or default is UNRESOLVED or value is UNRESOLVED:
+        if default is None or default is UNRESOLVED or value is UNRESOLVED:
             continue
         if isinstance(default, DictConfig) and isinstance(value, DictConfig):
             yield from _leaves(default, value, f"{prefix}{key}.")
@@ -90,15 +106,18 @@ def type_problem(default: Any, value: Any) -> str | None:
 
 
 def _show(value: Any) -> str:
-    return OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else repr(value)
+    """A default as the command line writes it: ``0.001``, ``[conv3, fc]``."""
+    if isinstance(value, ListConfig):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if isinstance(value, DictConfig):
+        return "{" + ", ".join(f"{key}: {_show(item)}" for key, item in value.items()) + "}"
+    return str(value) if isinstance(value, str) else repr(value)
 
 
 def check_settings(cfg: DictConfig) -> None:
     """Ranges of the top-level settings, then whether the checkpoint folder and tracking store are usable."""
     for key, least in COUNTS.items():
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise BadValue(key, f"an integer >= {least}", value)
+        check_count(key, cfg[key], least)
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise BadValue(key, f"one of {', '.join(choices)}", cfg[key])

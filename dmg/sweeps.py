@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
-from dmg.errors import BadValue, UserError, check_number
+from dmg.errors import BadValue, UserError, check_count, check_number
 from dmg.stores import create_sqlite_atomically, store_lock
 from dmg.trials import (
     COMPLETE,
@@ -76,9 +76,7 @@ class SweepStopped(UserError):
 def check_options(sweeper: DictConfig | Mapping) -> None:
     """One-line errors for sweeper options out of range, before anything is written."""
     for name, least in OPTIONS.items():
-        value = sweeper.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise BadValue(f"hydra.sweeper.{name}", f"an integer >= {least}", value)
+        check_count(f"hydra.sweeper.{name}", sweeper.get(name), least)
     if sweeper.get("grace_period") is not None:
         check_number("hydra.sweeper.grace_period", sweeper.get("grace_period"), above=0)
     if str(sweeper.get("direction")) not in ("maximize", "minimize"):

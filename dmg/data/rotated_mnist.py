@@ -15,6 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import TensorDataset
 
 from dmg.data.domains import TARGET_DOMAIN_INDEX, DomainSplits, split_indices
+from dmg.errors import BadValue, check_count, check_number
 
 NUM_CLASSES = 10
 
@@ -45,6 +46,12 @@ class RotatedMNIST:
         image_size: int = 28,
     ):
         self.angles = list(angles)
+        if max_images is not None:
+            check_count("max_images", max_images, 2 * len(self.angles))  # a digit to train on and one to hold out
+        check_count("image_size", image_size, 1)
+        check_number("val_fraction", val_fraction, above=0)
+        if val_fraction >= 1:
+            raise BadValue("val_fraction", "a fraction strictly between 0 and 1", val_fraction)
         self.image_size = image_size
         self.max_images = max_images
         self.domains = [f"rot{angle}" for angle in self.angles]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmg.errors import check_number
 from dmg.methods.base import Method, OptimizerFactory, SchedulerFactory, init_classifier
 from dmg.models.masks import MaskedNetwork, MaskInit, greedy, mean_over_pairs, soft_iou
 from dmg.models.staged import StagedNetwork
@@ -42,6 +43,8 @@ class DMG(Method):
         ood_mode: str = "ensemble",
     ):
         super().__init__(scheduler, scheduler_interval)
+        check_number("overlap_lambda", overlap_lambda, least=0)
+        check_number("sparsity_lambda", sparsity_lambda, least=0)
         if ood_mode not in OUT_OF_DOMAIN_MODES:
             raise ValueError(f"ood_mode must be one of {', '.join(OUT_OF_DOMAIN_MODES)}, got {ood_mode!r}")
         init_classifier(network.classifier, classifier_init_std)

@@ -68,7 +68,7 @@ def _torchvision_model(name: str, pretrained: bool, weights_file: str | None) ->
     """A torchvision model with random, ImageNet (``pretrained``) or file (``weights_file``) weights."""
     model = torchvision.models.get_model(name, weights=None)
     if weights_file:
-        model.load_state_dict(_read_weights_file(weights_file, name))
+        load_weights(model, _read_weights_file(weights_file, name), name, weights_file)
     elif pretrained:
         model.load_state_dict(_download_imagenet_weights(name))
     return model
@@ -83,8 +83,41 @@ def _read_weights_file(path: str, name: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file
-        raise UserError(f"backbone weights file {file} could not be read as a PyTorch state_dict: {error}") from None
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"backbone weights file {file} could not be read as a PyTorch state_dict: {reason}") from None
     return state.get("state_dict", state.get("model", state))
+
+
+KNOWN_ARCHITECTURES = ("alexnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "densenet121")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str, file: str) -> None:
+    """Load a state_dict; one that does not fit says how far off it is and which architecture it looks like."""
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [key for key in expected if key in state and state[key].shape != expected[key]]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"backbone.weights file {file} does not fit {name}: {len(missing)} of the {len(expected)} keys it needs are "
+            f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape; {_resemblance(state)}"
+        )
+    model.load_state_dict(state)
+
+
+def _resemblance(state: dict[str, torch.Tensor]) -> str:
+    """Which torchvision architecture a state_dict looks like, as a hint (candidates built on the meta device)."""
+    shapes = {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+    scores = {}
+    for candidate in KNOWN_ARCHITECTURES:
+        with torch.device("meta"):
+            reference = torchvision.models.get_model(candidate, weights=None).state_dict()
+        matching = sum(shapes.get(key) == tuple(value.shape) for key, value in reference.items())
+        scores[candidate] = (matching, max(len(reference), len(shapes)))
+    best, (matching, total) = max(scores.items(), key=lambda item: item[1][0] / item[1][1])
+    if matching / total < 0.9:
+        return f"it looks like none of {', '.join(KNOWN_ARCHITECTURES)}"
+    return f"it looks like a {best} state_dict ({matching} of {total} tensors match)"
 
 
 def _download_imagenet_weights(name: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Hydra plugins of the DMG project: the ``sweeps/`` config folder and the resumable Optuna sweeper.
+"""Hydra plugins of the DMG project: the ``sweeps/`` config folder, the resumable Optuna sweeper and the grid sweeper.
 
 Hydra only instantiates plugins defined under the ``hydra_plugins`` namespace, so these are thin shells; the
 sweeper's logic lives in ``dmg.sweeps``. Found whenever the repository root is on ``sys.path`` (``python
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.plugins.sweeper import Sweeper
@@ -36,3 +37,20 @@ class ResumableOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)
+
+
+class KeepGoingSweeper(BasicSweeper):
+    """Hydra's basic sweeper where a failed job does not stop the others; see ``dmg.grid``."""
+
+    def setup(self, **kwargs) -> None:
+        from dmg.grid import FailureCollector
+
+        super().setup(**kwargs)
+        self.launcher = FailureCollector(self.launcher)
+
+    def sweep(self, arguments: list[str]):
+        from dmg.grid import report_failures
+
+        returns = super().sweep(arguments)
+        report_failures(self.launcher.failures, sum(len(batch) for batch in returns))
+        return returns
