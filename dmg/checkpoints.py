@@ -18,6 +18,8 @@ import torch
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
+UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+os.umask(UMASK)
 
 
 class Checkpointer:
@@ -84,6 +86,7 @@ def _atomic_save(obj: dict, path: Path, keep_as: Path | None = None) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes it private; a checkpoint is as readable as any file
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)

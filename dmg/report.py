@@ -23,9 +23,12 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from dmg.callbacks import PARENT_TAG
+from dmg.tracking import BOOKKEEPING_KEYS
 
 GROUP = ["dataset", "backbone"]  # one table per dataset and backbone
-RUN_KEY = ["dataset", "backbone", "method", "target", "seed"]
+RUN_KEY = ["dataset", "backbone", "row", "target", "seed"]
+PER_CELL = ("seed", "target", "sources", *BOOKKEEPING_KEYS)  # params that do not make a different setting
+MAX_SHOWN = 3  # differing settings named in a row label
 AVERAGE = "Avg"
 MISSING = "missing"
 
@@ -88,19 +91,48 @@ def run_frame(
             continue
         ood, ind = selection.accuracies(client, run)
         rows.append(
-            {key: tags.get(key, "?") for key in RUN_KEY}
+            {key: tags.get(key, "?") for key in ("dataset", "backbone", "method", "target", "seed")}
             | {
+                "setting": setting(run.data.params),
                 "run_id": run.info.run_id,
                 "start_time": run.info.start_time,
                 "ood": 100 * ood,
                 "ind": 100 * ind,
             }
         )
-    return pd.DataFrame(rows, columns=[*RUN_KEY, "run_id", "start_time", "ood", "ind"])
+    columns = ["dataset", "backbone", "method", "target", "seed", "setting", "run_id", "start_time", "ood", "ind"]
+    return label_rows(pd.DataFrame(rows, columns=columns))
+
+
+def setting(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The run's config minus what varies from cell to cell (seed, target) and bookkeeping: runs with equal
+    settings are seeds and targets of one experiment."""
+    return tuple(sorted((key, value) for key, value in params.items() if key.split(".")[0] not in PER_CELL))
+
+
+def label_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table row of each run: its method, plus the settings that differ when a method ran with several.
+
+    Runs of one method that differ in anything but seed and target (other epochs, another data format) are never
+    averaged together: each setting gets its own row, e.g. ``dmg [epochs=4]`` and ``dmg [epochs=20]``.
+    """
+    frame = frame.assign(row=frame.method)
+    for _, group in frame.groupby(["dataset", "backbone", "method"]):
+        settings = [dict(value) for value in group.setting.unique()]
+        if len(settings) < 2:
+            continue
+        differing = sorted({key for one in settings for key in one if len({str(s.get(key)) for s in settings}) > 1})
+        for value in group.setting.unique():
+            named = dict(value)
+            shown = ", ".join(f"{key}={named.get(key)}" for key in differing[:MAX_SHOWN])
+            more = f", +{len(differing) - MAX_SHOWN} more" if len(differing) > MAX_SHOWN else ""
+            index = group.index[group.setting == value]
+            frame.loc[index, "row"] = f"{group.method.iloc[0]} [{shown}{more}]"
+    return frame
 
 
 def latest_per_setting(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The newest run of each (dataset, backbone, method, target, seed), and how many older duplicates were dropped."""
+    """The newest run of each (dataset, backbone, row, target, seed), and how many older duplicates were dropped."""
     latest = frame.sort_values("start_time").groupby(RUN_KEY, as_index=False).tail(1)
     return latest, len(frame) - len(latest)
 
@@ -122,17 +154,19 @@ def cell(values: pd.Series, expected: int) -> Cell:
 
 
 def table(frame: pd.DataFrame, metric: str, methods: list[str] | None = None) -> pd.DataFrame:
-    """Methods × (targets + Avg) cells of one dataset/backbone. Avg: per seed over targets, for seeds with every target."""
+    """Rows × (targets + Avg) cells of one dataset/backbone: a row per method (per setting where a method ran with
+    several). Avg: per seed over targets, for seeds with every target."""
     seeds = sorted(frame.seed.unique())
     targets = sorted(frame.target.unique())
-    grid = frame.pivot_table(index=["method", "seed"], columns="target", values=metric, aggfunc="first")
+    grid = frame.pivot_table(index=["row", "seed"], columns="target", values=metric, aggfunc="first")
     rows = {}
     for method in methods or sorted(frame.method.unique()):
-        by_seed = grid.loc[method] if method in grid.index.get_level_values(0) else pd.DataFrame(columns=targets)
-        row = {target: cell(by_seed.get(target, pd.Series(dtype=float)).dropna(), len(seeds)) for target in targets}
-        complete = by_seed.reindex(columns=targets).dropna()
-        row[AVERAGE] = cell(complete.mean(axis=1), len(seeds))
-        rows[method] = row
+        for label in sorted(frame.row[frame.method == method].unique()) or [method]:
+            by_seed = grid.loc[label] if label in grid.index.get_level_values(0) else pd.DataFrame(columns=targets)
+            row = {target: cell(by_seed.get(target, pd.Series(dtype=float)).dropna(), len(seeds)) for target in targets}
+            complete = by_seed.reindex(columns=targets).dropna()
+            row[AVERAGE] = cell(complete.mean(axis=1), len(seeds))
+            rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index", columns=[*targets, AVERAGE])
 
 

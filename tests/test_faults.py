@@ -115,7 +115,8 @@ def test_kill_9_anywhere_then_rerun_gives_one_finished_run_equal_to_an_uninterru
 
 
 def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(tmp_path):
-    process = launch(tmp_path, "epochs=40")
+    command = ("epochs=3", "dataset.max_images=1200")
+    process = launch(tmp_path, *command)
     folder = tmp_path / "checkpoints"
     wait_for(lambda: list(folder.glob("*/last.pt")), what="the first checkpoint")
     sent = time.monotonic()
@@ -125,9 +126,10 @@ def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(
     assert "Traceback" not in output and "rerun the same command to continue it" in output
     client, (stopped,) = runs_in(tmp_path)
     assert stopped.info.status == "KILLED"
-    done = len(history(client, stopped.info.run_id, "val/acc_mean"))
-    code, output = finish(launch(tmp_path, f"epochs={done + 1}"))
+    code, output = finish(launch(tmp_path, *command))
     assert code == 0 and f"continuing run {stopped.info.run_id}" in output, output
+    client, (resumed,) = runs_in(tmp_path)
+    assert resumed.info.status == "FINISHED" and len(history(client, resumed.info.run_id, "val/acc_mean")) == 3
 
 
 def test_a_second_process_for_a_live_run_stops_with_one_line_naming_the_holder(tmp_path):

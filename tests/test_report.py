@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dmg import report
@@ -171,3 +171,18 @@ def test_sweep_trials_count_only_when_asked_and_bad_filters_say_why(tracked, cap
         report.main(["--tracking-uri", tracked, "--experiment", "pacs"])
     with pytest.raises(SystemExit, match="no finished run matches"):
         report.main(["--tracking-uri", tracked, "--method", "multihead"])
+
+
+def test_runs_that_differ_in_more_than_seed_and_target_get_their_own_rows(tmp_path, capsys):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("rotated_mnist")
+    for epochs, accuracy in (("4", 0.5), ("20", 0.9)):
+        for seed in "01":
+            run_id = log_run(client, experiment, "dmg", "rot0", seed, [accuracy] * 3, [accuracy] * 3)
+            params = {"epochs": epochs, "seed": seed, "target": "rot0", "method.overlap_lambda": "0.1"}
+            params["tracking.run_name"] = f"run-{seed}"  # bookkeeping: never a setting of its own
+            client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+    report.main(["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    ood = capsys.readouterr().out.split("### ")[1]
+    assert "| dmg [epochs=20] | 90.00 ± 0.00 | 90.00 ± 0.00 |" in ood
+    assert "| dmg [epochs=4] | 50.00 ± 0.00 | 50.00 ± 0.00 |" in ood

@@ -3,6 +3,7 @@ failed and NaN trials) and the leave-one-domain-out multirun on submitit's local
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import socket
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from dmg import report
+from dmg import checkpoints, report
 from dmg.errors import SetupError, UserError
 from dmg.sweeps import SweepFailed, SweepStopped, describe, expand_glob
 from launch import task as launch_task
@@ -251,6 +252,7 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
         "hydra.sweeper.n_trials=3",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.sampler.seed=0",
+        "method.overlap_lambda=choice(0.0,1.0)",  # a searched name on the command line replaces its search space
     ]
     overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
     with project_multirun(hydra_sweep_runner, overrides, tmp_path):
@@ -258,9 +260,10 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
     study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert study.trials[0].distributions["mask"].choices == ("normal", "random_uniform", "scalar")
+    assert study.trials[0].distributions["method.overlap_lambda"].choices == (0.0, 1.0)
     for trial in study.trials:
         assert ("mask.val" in trial.params) == (trial.params["mask"] == "scalar")  # sampled only where it applies
-    assert {t.params["mask"] for t in study.trials} == {"normal", "scalar"}  # seed 0 samples both branches
+    assert "scalar" in {t.params["mask"] for t in study.trials}  # seed 0 samples the conditional branch
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
@@ -316,3 +319,42 @@ def test_leave_one_out_on_submitits_local_launcher_gives_one_finished_run_per_ta
         assert (
             cells.loc["aggregate", run_.data.tags["target"]].mean == 100 * run_.data.metrics["selected/test/acc_mean"]
         )
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_project_trial_requeues_it_and_the_rerun_continues_its_run(
+    tmp_path, hydra_sweep_runner, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = [
+        "hydra.job.chdir=false",
+        "+sweep=dmg_search",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+    ]
+    overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    save, calls = checkpoints.Checkpointer.save, []
+
+    def disk_full_once(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:  # trial 1's first checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", disk_full_once)
+    with pytest.raises(SweepStopped, match="stopped by a problem outside its config"):
+        with project_multirun(hydra_sweep_runner, overrides, tmp_path):
+            pass
+    study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert "failure" not in study.trials[1].user_attrs  # the disk's fault, not the config's: not counted
+    with project_multirun(hydra_sweep_runner, overrides, tmp_path):
+        pass
+    study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3 and len(study.trials) == 4
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
+    children = [r for r in runs if "trial" in r.data.tags]
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}  # trial 1's run was continued
+    assert sorted(r.data.tags["trial"] for r in children) == ["0", "2", "3"]  # its tag names the trial that ran it
