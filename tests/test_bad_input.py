@@ -171,3 +171,22 @@ def test_a_bad_job_of_a_leave_one_out_sweep_prints_one_line_and_the_others_finis
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
     assert [(r.data.tags["target"], r.info.status) for r in runs] == [("rot0", "FINISHED")]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hydra.sweeper.n_trials=-1", "hydra.sweeper.n_trials must be an integer >= 1, got -1"),
+        ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs must be an integer >= 1, got 0"),
+        ("hydra.sweeper.direction=up", "hydra.sweeper.direction must be maximize or minimize, got 'up'"),
+        ("hydra.sweeper.grace_period=-5", "hydra.sweeper.grace_period must be a finite number > 0, got -5"),
+        ("hydra.sweeper.max_consecutive_failures=0", "max_consecutive_failures must be an integer >= 1, got 0"),
+    ],
+)
+def test_sweeper_options_are_checked_before_a_sweep_starts(override, message):
+    from dmg.callbacks import check_sweeper
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+sweep=dmg_search", override], return_hydra_config=True)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_sweeper(cfg.hydra.sweeper)
