@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmg import signals
 from dmg.errors import UserError
 from dmg.settings import check_overrides, check_settings
-from dmg.stores import mlflow_client
+from dmg.stores import mlflow_client, store_lock
 from dmg.tracking import experiment_id
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,18 @@ class SweepParentRun(Callback):
         atexit.register(self.end_unfinished)
 
     def find_or_create(self, experiment: str) -> str:
-        """The study's parent run (a resumed study or another worker reuses it), set RUNNING."""
+        """The study's parent run (a resumed study or another worker reuses it), set RUNNING.
+
+        Under the store's lock: workers started together find or create one parent run, not one each.
+        """
         query = f"tags.study = '{self.study}' and tags.sweep = 'optuna'"
-        for run in self.client.search_runs([experiment], query, order_by=["attributes.start_time ASC"], max_results=1):
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
-        tags = {"study": self.study, "sweep": "optuna", "objective": self.objective}
-        return self.client.create_run(experiment, run_name=f"sweep-{self.study}", tags=tags).info.run_id
+        with store_lock(self.tracking_uri):
+            order = ["attributes.start_time ASC"]
+            for run in self.client.search_runs([experiment], query, order_by=order, max_results=1):
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id
+            tags = {"study": self.study, "sweep": "optuna", "objective": self.objective}
+            return self.client.create_run(experiment, run_name=f"sweep-{self.study}", tags=tags).info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)

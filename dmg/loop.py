@@ -43,6 +43,8 @@ def fit(
 ) -> list[Metrics]:
     """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics."""
     history = checkpoints.restore(method)
+    if history:
+        log.info("resuming after epoch %d of %d", len(history), epochs)
     for epoch in range(len(history), epochs):
         epoch_seed = seed * 100_003 + epoch  # batch order, augmentation and mask samples depend on (seed, epoch) only
         torch.manual_seed(epoch_seed)

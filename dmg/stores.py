@@ -17,7 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import sqlalchemy
 from mlflow.tracking import MlflowClient
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from dmg.errors import SetupError
 
@@ -27,6 +31,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
+ADVISORY_LOCK_KEY = 0x646D6773  # "dmgs": the PostgreSQL advisory lock held while a store is created or migrated
 USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000, postgresql://user@host/db or file:./mlruns"
 
 
@@ -50,15 +55,49 @@ def sqlite_file(uri: str) -> Path | None:
 
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``<database>.lock`` beside a SQLite store (a no-op for database servers)."""
+    """Hold an exclusive lock for creating or migrating a store: a file beside a SQLite store, an advisory lock in
+    a PostgreSQL server (whose schema migrations race just the same); nothing for other stores."""
     database = sqlite_file(uri)
-    if database is None:
+    if scheme(uri) == "postgresql":
+        with _advisory_lock(uri):
+            yield
+    elif database is None:
         yield
-        return
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    else:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{database}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+@contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    engine = _engine(uri)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(text("select pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _engine(uri: str, timeout: float = 10.0) -> sqlalchemy.engine.Engine:
+    """A single-connection engine with a connect timeout (the drivers of PostgreSQL and MySQL take one)."""
+    timeout_args = {"connect_timeout": int(timeout)} if scheme(uri) in ("postgresql", "mysql") else {}
+    return sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=timeout_args)
+
+
+def shown(uri: str) -> str:
+    """A store URI fit for a message: a database password is masked."""
+    if scheme(uri) not in DATABASE_SCHEMES:
+        return uri
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is shown as given, it holds no parsable password
+        return uri
 
 
 def check_store_uri(uri: str, key: str, timeout: float = 5.0) -> None:
@@ -69,7 +108,7 @@ def check_store_uri(uri: str, key: str, timeout: float = 5.0) -> None:
     elif kind in SERVER_SCHEMES:
         _check_server(uri, key, timeout)
     elif kind in DATABASE_SCHEMES:
-        _check_driver(uri, key)
+        _check_database(uri, key, timeout)
     elif kind != "file":
         raise SetupError(f"{key}={uri}: unknown store scheme {kind!r}; expected {USAGE}")
 
@@ -113,17 +152,25 @@ def _check_server(uri: str, key: str, timeout: float) -> None:
         ) from None
 
 
-def _check_driver(uri: str, key: str) -> None:
-    from sqlalchemy.engine import make_url
-
+def _check_database(uri: str, key: str, timeout: float) -> None:
+    """The driver is installed and the server answers (within ``timeout`` seconds, not MLflow's retries)."""
     try:
         make_url(uri).get_dialect().dbapi()
     except ImportError as error:
         raise SetupError(
-            f'{key}={uri}: the database driver is not installed ({error}); for PostgreSQL: pip install -e ".[postgres]"'
+            f"{key}={shown(uri)}: the database driver is not installed ({error}); "
+            'for PostgreSQL: pip install -e ".[postgres]"'
         ) from None
     except Exception as error:  # noqa: BLE001 - sqlalchemy raises several types for a malformed URL
-        raise SetupError(f"{key}={uri}: not a usable database URL ({error}); expected {USAGE}") from None
+        raise SetupError(f"{key}={shown(uri)}: not a usable database URL ({error}); expected {USAGE}") from None
+    engine = _engine(uri, timeout)
+    try:
+        with engine.connect():
+            pass
+    except Exception as error:  # noqa: BLE001 - drivers raise their own types
+        raise SetupError(f"{key}={shown(uri)}: cannot connect to the database ({_first_line(error)})") from None
+    finally:
+        engine.dispose()
 
 
 def warn_if_network_file_system(path: Path, key: str) -> None:
@@ -162,7 +209,7 @@ def mlflow_client(uri: str) -> MlflowClient:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a broken store
         raise SetupError(
-            f"tracking.uri={uri}: cannot open the MLflow store ({_first_line(error)}); "
+            f"tracking.uri={shown(uri)}: cannot open the MLflow store ({_first_line(error)}); "
             "if it was written by another MLflow version, back it up and run `mlflow db upgrade <uri>`"
         ) from None
     return client

@@ -43,7 +43,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
 from dmg.errors import BadValue, UserError, check_count, check_number
-from dmg.stores import create_sqlite_atomically, store_lock
+from dmg.stores import check_store_uri, create_sqlite_atomically, store_lock
 from dmg.trials import (
     COMPLETE,
     PROCESS_ATTR,
@@ -81,6 +81,8 @@ def check_options(sweeper: DictConfig | Mapping) -> None:
         check_number("hydra.sweeper.grace_period", sweeper.get("grace_period"), above=0)
     if str(sweeper.get("direction")) not in ("maximize", "minimize"):
         raise BadValue("hydra.sweeper.direction", "maximize or minimize", sweeper.get("direction"))
+    if isinstance(sweeper.get("storage"), str):
+        check_store_uri(sweeper.get("storage"), "hydra.sweeper.storage")
 
 
 class ResumableOptuna(OptunaSweeperImpl):

@@ -85,16 +85,18 @@ class Tracker:
         digest = config_hash(cfg)
         tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         with config_lock(checkpoint_root, digest):
-            if cfg.resume != "never" and (tracker := cls._continue(client, experiment, digest, checkpoint_root)):
-                client.log_batch(tracker.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-                return tracker
-            run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
-            lock = RunLock(checkpoint_root / run.info.run_id)
-            lock.acquire()
-        tracker = cls(client, run.info.run_id, lock, resumed=False)
-        tracker.log_config(cfg)
-        if dataset:
-            client.log_inputs(run.info.run_id, datasets=[dataset])
+            tracker = cls._continue(client, experiment, digest, checkpoint_root) if cfg.resume != "never" else None
+            if tracker is None:
+                run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
+                lock = RunLock(checkpoint_root / run.info.run_id)
+                lock.acquire()
+                tracker = cls(client, run.info.run_id, lock, resumed=False)
+        if tracker.resumed:  # the tags of this attempt: host, pid, parent run and trial
+            client.log_batch(tracker.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        logged = client.get_run(tracker.run_id) if tracker.resumed else None  # what a killed attempt got to log
+        tracker.log_config(cfg, known=logged.data.params if logged else {})
+        if dataset and not (logged and logged.inputs.dataset_inputs):
+            client.log_inputs(tracker.run_id, datasets=[dataset])
         return tracker
 
     @classmethod
@@ -124,8 +126,10 @@ class Tracker:
         """This run's local folder (checkpoints)."""
         return self.lock.directory
 
-    def log_config(self, cfg: DictConfig) -> None:
+    def log_config(self, cfg: DictConfig, known: Mapping[str, str]) -> None:
+        """The resolved config as params (but the ``known`` ones, already logged) and as ``config.yaml``."""
         params = [Param(key, value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))]
+        params = [param for param in params if param.key not in known]
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
         self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
