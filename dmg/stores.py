@@ -32,6 +32,7 @@ SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
 ADVISORY_LOCK_KEY = 0x646D6773  # "dmgs": the PostgreSQL advisory lock held while a store is created or migrated
+MOUNTS = Path("/proc/mounts")
 USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000, postgresql://user@host/db or file:./mlruns"
 
 
@@ -173,9 +174,9 @@ def _check_database(uri: str, key: str, timeout: float) -> None:
         engine.dispose()
 
 
-def warn_if_network_file_system(path: Path, key: str) -> None:
-    """SQLite's locking is unreliable on network file systems: say so once, with the alternative."""
-    file_system = file_system_type(_nearest_existing(path))
+def warn_if_network_file_system(path: Path, key: str, mounts: Path = MOUNTS) -> None:
+    """SQLite's locking is unreliable on network file systems: say so, with the alternative."""
+    file_system = file_system_type(_nearest_existing(path), mounts)
     if file_system in NETWORK_FILE_SYSTEMS:
         log.warning(
             "%s: %s is on a network file system (%s), where SQLite locking is unreliable; "
@@ -186,15 +187,15 @@ def warn_if_network_file_system(path: Path, key: str) -> None:
         )
 
 
-def file_system_type(path: Path) -> str | None:
+def file_system_type(path: Path, mounts: Path = MOUNTS) -> str | None:
     """The type of the file system holding ``path`` (``ext4``, ``nfs4``, ...), from /proc/mounts where available."""
     try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+        mounted = [line.split()[1:3] for line in mounts.read_text().splitlines()]
     except OSError:
         return None
     resolved = str(path.resolve())
     matches = [
-        (point, kind) for point, kind in mounts if resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        (point, kind) for point, kind in mounted if resolved == point or resolved.startswith(point.rstrip("/") + "/")
     ]
     return max(matches, key=lambda match: len(match[0]))[1] if matches else None
 

@@ -84,8 +84,12 @@ class Tracker:
         experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
         tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        trial = cfg.tracking.get("trial") or {}
+        retried = trial.get("origin", trial.get("number")) != trial.get("number")
         with config_lock(checkpoint_root, digest):
-            tracker = cls._continue(client, experiment, digest, checkpoint_root) if cfg.resume != "never" else None
+            tracker = (
+                cls._continue(client, experiment, digest, checkpoint_root, retried) if cfg.resume != "never" else None
+            )
             if tracker is None:
                 run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
                 lock = RunLock(checkpoint_root / run.info.run_id)
@@ -100,11 +104,17 @@ class Tracker:
         return tracker
 
     @classmethod
-    def _continue(cls, client: MlflowClient, experiment: str, digest: str, checkpoint_root: Path) -> Tracker | None:
-        """The newest unfinished run of the config that this machine may take over, locked; None if there is none."""
+    def _continue(
+        cls, client: MlflowClient, experiment: str, digest: str, checkpoint_root: Path, retried: bool = False
+    ) -> Tracker | None:
+        """The newest unfinished run of the config that this machine may take over, locked; None if there is none.
+
+        A RUNNING run of another host is left alone (it may be alive there), unless this is a sweep trial queued
+        again after the sweeper found the process of its previous attempt dead (``retried``).
+        """
         for run in _runs_of_config(client, experiment, digest, finished=False):
             lock = RunLock(checkpoint_root / run.info.run_id)
-            if not (lock.directory.exists() or _ran_here(run) or run.info.status in ENDED):
+            if not (lock.directory.exists() or _ran_here(run) or run.info.status in ENDED or retried):
                 log.warning(
                     "run %s of this config is %s on host %s: leaving it alone",
                     run.info.run_id,

@@ -190,3 +190,15 @@ def test_sweeper_options_are_checked_before_a_sweep_starts(override, message):
         cfg = compose("config", overrides=["+sweep=dmg_search", override], return_hydra_config=True)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_sweeper(cfg.hydra.sweeper)
+
+
+def test_a_sqlite_store_on_a_network_file_system_gets_a_warning(tmp_path, caplog):
+    from dmg.stores import warn_if_network_file_system
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda1 / ext4 rw 0 0\nfiler:/export/lab {tmp_path}/shared nfs4 rw,relatime 0 0\n")
+    (tmp_path / "shared" / "project").mkdir(parents=True)
+    warn_if_network_file_system(tmp_path / "local.db", "tracking.uri", mounts)
+    assert not caplog.records
+    warn_if_network_file_system(tmp_path / "shared" / "project" / "mlflow.db", "tracking.uri", mounts)
+    assert "is on a network file system (nfs4), where SQLite locking is unreliable" in caplog.text

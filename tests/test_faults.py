@@ -114,7 +114,8 @@ def test_kill_9_anywhere_then_rerun_gives_one_finished_run_equal_to_an_uninterru
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(tmp_path):
+def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(tmp_path, store_template):
+    shutil.copy(store_template, tmp_path / "mlflow.db")
     command = ("epochs=3", "dataset.max_images=1200")
     process = launch(tmp_path, *command)
     folder = tmp_path / "checkpoints"
@@ -132,7 +133,8 @@ def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(
     assert resumed.info.status == "FINISHED" and len(history(client, resumed.info.run_id, "val/acc_mean")) == 3
 
 
-def test_a_second_process_for_a_live_run_stops_with_one_line_naming_the_holder(tmp_path):
+def test_a_second_process_for_a_live_run_stops_with_one_line_naming_the_holder(tmp_path, store_template):
+    shutil.copy(store_template, tmp_path / "mlflow.db")
     first = launch(tmp_path, "epochs=40")
     wait_for(lambda: list((tmp_path / "checkpoints").glob("*/last.pt")), what="the first checkpoint")
     code, output = finish(launch(tmp_path, "epochs=40"))
@@ -153,7 +155,8 @@ SWEEP = ["-m", "+sweep=dmg_search", "epochs=1", "hydra.sweeper.sampler.seed=0", 
 STUDY = "dmg-rotated_mnist-small_cnn-rot30"
 
 
-def test_a_sweep_killed_during_a_trial_finishes_when_rerun_at_once(tmp_path):
+def test_a_sweep_killed_during_a_trial_finishes_when_rerun_at_once(tmp_path, store_template):
+    shutil.copy(store_template, tmp_path / "mlflow.db")
     sweep = launch(tmp_path, *SWEEP, "hydra.sweeper.n_trials=3")
     database = tmp_path / f"optuna-{STUDY}.db"
     wait_for(

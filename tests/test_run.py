@@ -210,3 +210,21 @@ def test_skip_finished_reports_the_finished_run_without_training_again(quick_con
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(isolated):
     with pytest.raises(UserError, match="PyTorch sees no CUDA GPU here"):
         run(compose_config(["dataset.max_images=600", *isolated, "device=cuda"]))
+
+
+def test_a_running_run_of_another_host_is_left_alone_unless_a_sweep_requeued_its_trial(quick_config, tmp_path):
+    from dmg.tracking import HOST_TAG, Tracker, config_hash, experiment_id
+
+    trial = "tracking.trial={study:s,number:5,origin:2,params:{}}"
+    first = quick_config("tracking.trial={study:s,number:2,origin:2,params:{}}")
+    client = MlflowClient(first.tracking.uri)
+    elsewhere = client.create_run(
+        experiment_id(client, "rotated_mnist"), tags={"config_hash": config_hash(first), HOST_TAG: "other-node"}
+    ).info.run_id  # a RUNNING run of this trial on another node, whose checkpoints this machine does not see
+    fresh = Tracker.start(first, {}, tmp_path / "checkpoints")
+    fresh.release()
+    assert fresh.run_id != elsewhere and not fresh.resumed  # it may be alive there: not taken over
+    client.set_terminated(fresh.run_id, "FINISHED")
+    requeued = Tracker.start(quick_config(trial), {}, tmp_path / "checkpoints")
+    requeued.release()
+    assert requeued.run_id == elsewhere and requeued.resumed  # the sweeper found its process dead: continue it
