@@ -130,22 +130,27 @@ class ResumableOptuna(OptunaSweeperImpl):
                 self.wait_for_others(study)
                 continue
             trials = [claim(study.ask()) for _ in range(size)]
-            outcomes = [
-                record(study, trial, job) for trial, job in zip(trials, self.run_trials(study, trials, space, fixed))
-            ]
-            if RETRY in outcomes:
-                raise SweepStopped(
-                    f"a trial of study {study.study_name} was stopped by a problem outside its config (see the "
-                    "warning above); it is queued again: fix the problem and rerun the same command"
-                )
-            for outcome in outcomes:
-                failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
-            if failures_in_a_row >= self.max_consecutive_failures:
-                raise SweepFailed(
-                    f"the last {failures_in_a_row} trials of study {study.study_name} failed because of their "
-                    "configs (the reasons are logged above); fix the search space or the config"
-                )
+            returns = self.run_trials(study, trials, space, fixed)
+            outcomes = [record(study, trial, job) for trial, job in zip(trials, returns)]
+            failures_in_a_row = self.check_outcomes(study.study_name, outcomes, failures_in_a_row)
         save_results(study, self.results_file)
+
+    def check_outcomes(self, study_name: str, outcomes: list[str], failures_in_a_row: int) -> int:
+        """Stop the sweep after a problem outside the trials' configs, or after too many failed trials in a row;
+        returns the count of failures in a row."""
+        if RETRY in outcomes:
+            raise SweepStopped(
+                f"a trial of study {study_name} was stopped by a problem outside its config (see the warning "
+                "above); it is queued again: fix the problem and rerun the same command"
+            )
+        for outcome in outcomes:
+            failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
+        if failures_in_a_row >= self.max_consecutive_failures:
+            raise SweepFailed(
+                f"the last {failures_in_a_row} trials of study {study_name} failed because of their configs "
+                "(the reasons are logged above); fix the search space or the config"
+            )
+        return failures_in_a_row
 
     def run_trials(self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict) -> list[JobReturn]:
         """Launch the trials' jobs with heartbeats; if this process is stopped meanwhile, queue them again."""
