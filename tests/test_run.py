@@ -29,6 +29,21 @@ def epoch_metrics(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def run_interrupted_after_epoch(cfg, epoch: int, monkeypatch) -> None:
+    """Run ``cfg`` and stop it as Ctrl-C does right after the checkpoint of ``epoch`` (1-based) is written."""
+    save = checkpoints.Checkpointer.save
+
+    def save_then_interrupt(self, method, history, is_best):
+        save(self, method, history, is_best)
+        if len(history) == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.undo()
+
+
 @pytest.mark.slow
 def test_launch_py_trains_and_logs_everything_to_mlflow(tmp_path):
     command = [sys.executable, "launch.py", "dataset.max_images=1200", "backbone.network.width=8", "epochs=2"]
@@ -87,17 +102,7 @@ def test_same_seed_same_metrics_and_selected_epoch_is_best_in_domain(quick_confi
 
 def test_interrupted_run_resumes_in_same_mlflow_run_with_same_final_metrics(quick_config, tmp_path, monkeypatch):
     reference = run(quick_config("epochs=3", f"checkpoint_dir={tmp_path}/reference", "tracking.experiment=reference"))
-    save = checkpoints.Checkpointer.save
-
-    def save_then_interrupt(self, method, history, is_best):
-        save(self, method, history, is_best)
-        if len(history) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(quick_config("epochs=3"))
-    monkeypatch.undo()
+    run_interrupted_after_epoch(quick_config("epochs=3"), 2, monkeypatch)
     client, runs = only_run(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     resumed = run(quick_config("epochs=3"))
@@ -119,17 +124,7 @@ def test_a_truncated_checkpoint_is_named_and_the_run_continues_from_an_older_one
 ):
     aggregate = ("epochs=3", "method=aggregate")
     reference = run(quick_config(*aggregate, f"checkpoint_dir={tmp_path}/reference", "tracking.experiment=reference"))
-    save = checkpoints.Checkpointer.save
-
-    def save_then_interrupt(self, method, history, is_best):
-        save(self, method, history, is_best)
-        if len(history) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(quick_config(*aggregate))
-    monkeypatch.undo()
+    run_interrupted_after_epoch(quick_config(*aggregate), 2, monkeypatch)
     _, (interrupted,) = only_run(tmp_path)
     folder = tmp_path / "checkpoints" / interrupted.info.run_id
     for name in damaged:

@@ -242,19 +242,22 @@ def test_a_worker_waits_for_trials_of_live_processes_before_ending(fake_sweep):
     assert results["trials"] == {"complete": 2}
 
 
+def search(tmp_path: Path, *extra: str) -> tuple[str, list[str]]:
+    """The Optuna storage and the overrides of a 3-trial ``+sweep=dmg_search`` on tiny settings in ``tmp_path``."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = ["hydra.job.chdir=false", "+sweep=dmg_search", "hydra.sweeper.n_trials=3"]
+    overrides += [f"hydra.sweeper.storage={storage}", *extra, *TINY]
+    return storage, overrides + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+
+
 @pytest.mark.slow
 def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp_path, hydra_sweep_runner, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipe's default Optuna storage would land here
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    overrides = [
-        "hydra.job.chdir=false",
-        "+sweep=dmg_search",
-        "hydra.sweeper.n_trials=3",
-        f"hydra.sweeper.storage={storage}",
+    storage, overrides = search(
+        tmp_path,
         "hydra.sweeper.sampler.seed=0",
         "method.overlap_lambda=choice(0.0,1.0)",  # a searched name on the command line replaces its search space
-    ]
-    overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    )
     with project_multirun(hydra_sweep_runner, overrides, tmp_path):
         results = OmegaConf.to_container(OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml"))
     study = load_study(storage, "dmg-rotated_mnist-small_cnn-rot30")
@@ -326,14 +329,7 @@ def test_a_full_disk_in_a_project_trial_requeues_it_and_the_rerun_continues_its_
     tmp_path, hydra_sweep_runner, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    overrides = [
-        "hydra.job.chdir=false",
-        "+sweep=dmg_search",
-        "hydra.sweeper.n_trials=3",
-        f"hydra.sweeper.storage={storage}",
-    ]
-    overrides += [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/ckpt"]
+    storage, overrides = search(tmp_path)
     save, calls = checkpoints.Checkpointer.save, []
 
     def disk_full_once(self, *args, **kwargs):
