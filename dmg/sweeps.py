@@ -62,6 +62,7 @@ from dmg.trials import (
 log = logging.getLogger(__name__)
 
 Condition = tuple[dict[str, Any], BaseDistribution]
+WAIT_POLL_SECONDS = 5  # how often a worker waiting for others' trials looks at the study
 OPTIONS = {"n_trials": 1, "n_jobs": 1, "heartbeat_interval": 1, "max_consecutive_failures": 1}
 
 
@@ -116,6 +117,7 @@ class ResumableOptuna(OptunaSweeperImpl):
         self.max_consecutive_failures = max_consecutive_failures
         self.trial_key = trial_key
         self.results_file = Path(results_file)
+        self.awaited = ""
         conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
         self.custom_search_space_extender = extend_with(conditions, self.custom_search_space_extender)
 
@@ -207,15 +209,17 @@ class ResumableOptuna(OptunaSweeperImpl):
 
     def wait_for_others(self, study: optuna.Study) -> None:
         """The study lacks only trials that other live processes run: wait for them (or for them to go silent)."""
-        others = ", ".join(f"{trial.number} ({_process_name(trial)})" for trial in running(study))
-        log.info(
-            "study %s: waiting for trials %s; a trial is queued again if its process dies or its heartbeat stops "
-            "for %s s",
-            study.study_name,
-            others,
-            self.grace_period,
-        )
-        time.sleep(self.heartbeat_interval)
+        awaited = ", ".join(f"{trial.number} ({_process_name(trial)})" for trial in running(study))
+        if awaited != self.awaited:  # said once for each set of trials waited for
+            log.info(
+                "study %s: waiting for trials %s; a trial is queued again if its process dies or its heartbeat stops "
+                "for %s s",
+                study.study_name,
+                awaited,
+                self.grace_period,
+            )
+            self.awaited = awaited
+        time.sleep(min(self.heartbeat_interval, WAIT_POLL_SECONDS))
 
     def trial_overrides(
         self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict
