@@ -120,8 +120,10 @@ def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(
     process = launch(tmp_path, *command)
     folder = tmp_path / "checkpoints"
     wait_for(lambda: list(folder.glob("*/last.pt")), what="the first checkpoint")
-    sent = time.monotonic()
+    process.send_signal(signal.SIGSTOP)  # so the signal lands mid-run, however fast this machine trains
     process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGCONT)
     code, output = finish(process)
     assert code == 128 + signal.SIGTERM and time.monotonic() - sent < 10, output
     assert "Traceback" not in output and "rerun the same command to continue it" in output
@@ -137,6 +139,7 @@ def test_a_second_process_for_a_live_run_stops_with_one_line_naming_the_holder(t
     shutil.copy(store_template, tmp_path / "mlflow.db")
     first = launch(tmp_path, "epochs=40")
     wait_for(lambda: list((tmp_path / "checkpoints").glob("*/last.pt")), what="the first checkpoint")
+    first.send_signal(signal.SIGSTOP)  # alive and holding the run, however fast this machine trains
     code, output = finish(launch(tmp_path, "epochs=40"))
     first.kill()
     first.wait()

@@ -143,6 +143,7 @@ def test_a_worker_killed_mid_trial_the_others_finish_the_study_continuing_its_ru
     while not (killed_run := victims_run_with_a_checkpoint()):
         assert time.monotonic() < deadline and victim.poll() is None, "the first worker never had a trial running"
         time.sleep(0.5)
+    victim.send_signal(signal.SIGSTOP)  # mid-trial still, however fast this machine trains
     others = [launch(tmp_path, *settings, f"hydra.sweeper.sampler.seed={seed}") for seed in (1, 2)]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
