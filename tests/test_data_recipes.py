@@ -45,7 +45,7 @@ def test_recipe(dataset, backbone, method):
         assert (
             cfg.method.overlap_lambda == 0.1
             and cfg.method.sparsity_lambda == 0.0
-            and cfg.mask._target_ == "torch.nn.init.uniform_"
+            and cfg.mask.init._target_ == "torch.nn.init.uniform_"
         )
     assert tuple(cfg.dataset.input_shape) == (3, 224, 224)
 
