@@ -47,7 +47,10 @@ def fit(
     progress: bool = True,
     averaging: NoAveraging | None = None,
 ) -> list[Metrics]:
-    """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics."""
+    """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics.
+
+    ``averaging`` (default: none) sees every step and every epoch's validation loss, and is checkpointed.
+    """
     averaging = averaging or NoAveraging()
     history = checkpoints.restore(method, averaging)
     if history:

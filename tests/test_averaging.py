@@ -15,7 +15,7 @@ from dmg.data.loading import OnDevice, make_loader
 from dmg.errors import UserError
 from dmg.experiment import run
 from dmg.loop import recompute_batch_norm
-from tests.conftest import QUICK, compose_config
+
 
 
 def valley(losses, **options):

@@ -347,3 +347,50 @@ def test_one_epoch_run_finishes_and_logs_its_loss_terms(store, method):
         assert {"ce", "domain_ce"} <= set(terms) and "lr/discriminator" in metrics
     if method == "groupdro":
         assert sum(value for key, value in metrics.items() if key.startswith("groupdro/weight/")) == pytest.approx(1.0)
+
+
+def test_dmg_with_element_masks_runs_and_plots_its_masks(store):
+    from mlflow.tracking import MlflowClient
+
+    cfg = compose_config([*QUICK, *store, "tracking.experiment=element", "mask.granularity=element", "epochs=1"])
+    run(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (finished,) = client.search_runs([client.get_experiment_by_name("element").experiment_id])
+    assert finished.data.params["mask.granularity"] == "element"
+    assert 0.0 <= finished.data.metrics["mask/conv3/iou_mean"] <= 1.0
+    assert {"masks/iou_conv3.png", "masks/active_conv3.png"} <= {
+        a.path for a in client.list_artifacts(finished.info.run_id, "masks")
+    }
+
+
+# Every method on the small CNN and ResNet-18; AlexNet and ResNet-50 differ only in feature size and stage names,
+# checked with the methods that depend on them (slow on a CPU).
+COMBINATIONS = [(method, backbone) for backbone in ("small_cnn", "resnet18") for method in NEW_METHODS]
+COMBINATIONS += [
+    pytest.param(method, backbone, marks=pytest.mark.slow)
+    for backbone in ("alexnet", "resnet50")
+    for method in ("dann", "mixstyle", "mmd")
+]
+
+
+@pytest.mark.parametrize("method, backbone", COMBINATIONS)
+def test_every_baseline_trains_on_every_backbone(method, backbone):
+    """Built from the configs as launch.py builds it (features, MixStyle stages and discriminator sizes per backbone)."""
+    from dmg.experiment import build_method
+
+    size = 64 if backbone == "alexnet" else 32
+    always_mix = ["method.p=1.0"] if method == "mixstyle" else []  # the mixing path runs at every step
+    cfg = compose_config([f"method={method}", f"backbone={backbone}", f"dataset.image_size={size}", *always_mix])
+    torch.manual_seed(0)
+    sources = ["rot0", "rot15", "rot45"]
+    model = build_method(cfg, sources)
+    x, y, d = torch.randn(6, 1, size, size), torch.randint(0, 10, (6,)), torch.arange(6) % len(sources)
+    before = [parameter.clone() for parameter in model.parameters()]
+    model.train()
+    for _ in range(2):  # DANN: one step of each player
+        terms = model.update(x, y, d)
+    assert all(torch.isfinite(torch.tensor(value)) for value in terms.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.eval()
+    with torch.no_grad():
+        assert model.predict(x, d).shape == model.predict(x).shape == (6, 10)

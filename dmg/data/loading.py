@@ -35,12 +35,18 @@ def make_loader(
     if sampler not in SAMPLERS:
         raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     generator = torch.Generator()
-    balanced = BalancedBatches(domain_labels(dataset), batch_size, generator, drop_last) if sampler == "balanced" else None
+    balanced = None
+    if sampler == "balanced":
+        balanced = BalancedBatches(domain_labels(dataset), batch_size, generator, drop_last)
     if isinstance(dataset, TensorDataset):
         order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batches = balanced if balanced is not None else BatchSampler(order, batch_size, drop_last)
         return DataLoader(dataset, sampler=batches, batch_size=None, generator=generator)
-    batching = {"batch_sampler": balanced} if balanced is not None else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    batching = (
+        {"batch_sampler": balanced}
+        if balanced is not None
+        else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    )
     return DataLoader(
         dataset,
         **batching,

@@ -38,7 +38,8 @@ class BalancedBatches(Sampler[list[int]]):
         self.members = [torch.nonzero(domains == k).squeeze(1) for k in domains.unique().tolist()]
         if batch_size < len(self.members):
             raise UserError(
-                f"batch_size must be at least the number of source domains ({len(self.members)}) with sampler=balanced, got {batch_size}"
+                f"batch_size must be at least the number of source domains ({len(self.members)}) "
+                f"with sampler=balanced, got {batch_size}"
             )
         self.batch_size = batch_size
         self.generator = generator
@@ -59,8 +60,9 @@ class BalancedBatches(Sampler[list[int]]):
         batch_of, index = [], []
         for k, members in enumerate(self.members):  # one stream of indices per domain
             needed = int(counts[:, k].sum())
-            passes = torch.cat([torch.randperm(len(members), generator=self.generator) for _ in range(-(-needed // len(members)))])
-            index.append(members[passes[:needed]])
+            passes = -(-needed // len(members))
+            draws = torch.cat([torch.randperm(len(members), generator=self.generator) for _ in range(passes)])
+            index.append(members[draws[:needed]])
             batch_of.append(torch.repeat_interleave(torch.arange(self.batches), counts[:, k]))
         order = torch.argsort(torch.cat(batch_of), stable=True)  # batch-major, domain-major within a batch
         for batch in torch.cat(index)[order].split(counts.sum(1).tolist()):

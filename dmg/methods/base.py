@@ -51,7 +51,10 @@ class Method(nn.Module):
         self.schedulers = {name: factory(self.optimizers[name]) for name in scheduled} if factory else {}
 
     def objective(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss terms of a batch; ``loss`` is the one minimised. No side effects: state changes go in ``after_step``."""
+        """The loss terms of a batch; ``loss`` is the one minimised.
+
+        No side effects: state that changes with a step changes in ``after_step``.
+        """
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:

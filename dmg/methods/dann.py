@@ -52,8 +52,9 @@ class DANN(Method):
             raise ValueError("discriminator_depth must be >= 2 and discriminator_steps >= 1")
         self.network = network
         init_classifier(network.classifier, classifier_init_std)
+        features = network.classifier.in_features
         self.discriminator = discriminator_mlp(
-            network.classifier.in_features, len(domains), discriminator_width, discriminator_depth, discriminator_dropout
+            features, len(domains), discriminator_width, discriminator_depth, discriminator_dropout
         )
         self.adversarial_weight = adversarial_weight
         self.discriminator_steps = discriminator_steps

@@ -50,6 +50,8 @@ class MixStyle(Aggregate):
         if name not in self.mixed_inputs or torch.rand(()) >= self.p:  # drawn on the CPU: no device sync
             return x
         if x.dim() != 4:
-            raise UserError(f"MixStyle needs (B, C, H, W) features, but the input of stage {name!r} is {tuple(x.shape)}")
+            raise UserError(
+                f"MixStyle needs (B, C, H, W) features, but the input of stage {name!r} is {tuple(x.shape)}"
+            )
         batch = x.shape[0]
         return mix_style(x, self.beta.sample((batch,)).to(x.device), torch.randperm(batch).to(x.device), self.eps)
