@@ -2,6 +2,7 @@
 (online results unchanged, resumable bit for bit, DMG's masks averaged)."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from dmg.data.loading import OnDevice, make_loader
 from dmg.errors import UserError
 from dmg.experiment import run
 from dmg.loop import recompute_batch_norm
-
 
 
 def valley(losses, **options):
@@ -141,7 +141,13 @@ def test_batch_norm_statistics_are_recomputed_as_the_mean_over_batches():
 
 
 # Runs: DMG with SWAD on the quick settings. n_converge=1, n_tolerance=2 make a valley appear within 4 epochs.
-SWAD_RUN = ["method=dmg", "averaging=swad", "averaging.n_converge=1", "averaging.n_tolerance=2", "averaging.bn_batches=4"]
+SWAD_RUN = [
+    "method=dmg",
+    "averaging=swad",
+    "averaging.n_converge=1",
+    "averaging.n_tolerance=2",
+    "averaging.bn_batches=4",
+]
 
 
 def runs(tmp_path, experiment="rotated_mnist"):
@@ -175,7 +181,9 @@ def test_swad_leaves_the_online_model_as_without_averaging_and_reports_the_avera
 def test_swad_run_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterrupted_one(
     quick_config, tmp_path, monkeypatch
 ):
-    reference = run(quick_config("epochs=4", *SWAD_RUN, "tracking.experiment=reference", f"checkpoint_dir={tmp_path}/r"))
+    reference = run(
+        quick_config("epochs=4", *SWAD_RUN, "tracking.experiment=reference", f"checkpoint_dir={tmp_path}/r")
+    )
     save = checkpoints.Checkpointer.save
 
     def save_then_interrupt(self, method, history, is_best, averaging=None):
@@ -196,8 +204,10 @@ def test_swad_run_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterru
         for r in (resumed, uninterrupted)
     ]
     assert summaries[0] == summaries[1] and summaries[0]["averaged/converged"] == 1.0
-    best = [torch.load(tmp_path / folder / r.info.run_id / "best.pt", weights_only=True)["model"] for folder, r in
-            (("checkpoints", resumed), ("r", uninterrupted))]
+    best = [
+        torch.load(tmp_path / folder / r.info.run_id / "best.pt", weights_only=True)["model"]
+        for folder, r in (("checkpoints", resumed), ("r", uninterrupted))
+    ]
     assert all(torch.equal(best[0][key], best[1][key]) for key in best[0])
 
 
@@ -206,8 +216,8 @@ def test_dmg_masks_are_averaged_with_the_rest():
     from dmg.models.backbones import small_cnn
 
     torch.manual_seed(0)
-    method = DMG(small_cnn(10, 1, width=4), ["a", "b"], ["conv3", "fc"], nn.init.zeros_, (1, 28, 28),
-                 torch.optim.SGD, lambda p: torch.optim.SGD(p, lr=1.0))
+    sgd = partial(torch.optim.SGD, lr=1.0)
+    method = DMG(small_cnn(10, 1, width=4), ["a", "b"], ["conv3", "fc"], nn.init.zeros_, (1, 28, 28), sgd, sgd)
     swad = SWAD(n_converge=1, n_tolerance=1)
     x, y, d = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.arange(8) % 2
     logits = []

@@ -172,7 +172,8 @@ def mixup_by_hand(method, x, y, d, cycle, lam):
         n = min(len(batches[a][0]), len(batches[b][0]))
         (xi, yi), (xj, yj) = (batches[a][0][:n], batches[a][1][:n]), (batches[b][0][:n], batches[b][1][:n])
         predictions = method.network(lam[a] * xi + (1 - lam[a]) * xj)
-        objective = objective + lam[a] * F.cross_entropy(predictions, yi) + (1 - lam[a]) * F.cross_entropy(predictions, yj)
+        objective = objective + lam[a] * F.cross_entropy(predictions, yi)
+        objective = objective + (1 - lam[a]) * F.cross_entropy(predictions, yj)
     return objective / len(cycle)
 
 
@@ -331,7 +332,8 @@ def store(tmp_path_factory):
 def test_one_epoch_run_finishes_and_logs_its_loss_terms(store, method):
     from mlflow.tracking import MlflowClient
 
-    cfg = compose_config([*QUICK, *store, f"tracking.experiment={method}", f"method={method}", "epochs=1", "sampler=balanced"])
+    overrides = [f"tracking.experiment={method}", f"method={method}", "epochs=1", "sampler=balanced"]
+    cfg = compose_config([*QUICK, *store, *overrides])
     result = run(cfg)
     client = MlflowClient(cfg.tracking.uri)
     (finished,) = client.search_runs([client.get_experiment_by_name(method).experiment_id])
@@ -375,7 +377,7 @@ COMBINATIONS += [
 
 @pytest.mark.parametrize("method, backbone", COMBINATIONS)
 def test_every_baseline_trains_on_every_backbone(method, backbone):
-    """Built from the configs as launch.py builds it (features, MixStyle stages and discriminator sizes per backbone)."""
+    """Built from the configs as launch.py builds it (features, MixStyle stages, discriminator size per backbone)."""
     from dmg.experiment import build_method
 
     size = 64 if backbone == "alexnet" else 32

@@ -129,7 +129,12 @@ def test_element_masks_have_one_entry_per_activation_of_a_conv_input():
 def test_element_mask_ensemble_equals_one_full_pass_per_source_mask():
     torch.manual_seed(0)
     masked = MaskedNetwork(
-        small_cnn(10, 1, width=4), ["conv2", "conv3"], 3, partial(nn.init.uniform_, a=-1.0, b=2.0), (1, 28, 28), "element"
+        small_cnn(10, 1, width=4),
+        ["conv2", "conv3"],
+        3,
+        partial(nn.init.uniform_, a=-1.0, b=2.0),
+        (1, 28, 28),
+        "element",
     ).eval()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
