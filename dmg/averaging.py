@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dmg.errors import UserError
+from dmg.errors import check_count, check_number
 
 Weights = list[torch.Tensor]
 
@@ -130,10 +130,8 @@ class SWAD(NoAveraging):
 
     def __init__(self, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3, bn_batches: int = 500):
         for key, value in (("n_converge", n_converge), ("n_tolerance", n_tolerance), ("bn_batches", bn_batches)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"averaging.{key} must be an integer >= 1, got {value!r}")
-        if tolerance_ratio < 0:
-            raise UserError(f"averaging.tolerance_ratio must be a number >= 0, got {tolerance_ratio!r}")
+            check_count(key, value, 1)
+        check_number("tolerance_ratio", tolerance_ratio, least=0)
         self.valley = LossValley(n_converge, n_tolerance, tolerance_ratio)
         self.bn_batches = bn_batches
         self.segment: Weights | None = None  # running mean of this epoch's steps, on the training device

@@ -112,7 +112,7 @@ def test_swad_state_round_trip_continues_the_same_average():
 
 @pytest.mark.parametrize("key, value", [("n_converge", 0), ("bn_batches", 1.5), ("tolerance_ratio", -0.1)])
 def test_swad_settings_are_checked(key, value):
-    with pytest.raises(UserError, match=f"averaging.{key} must be"):
+    with pytest.raises(UserError, match=f"^{key} must be"):
         SWAD(**{key: value})
 
 
@@ -200,15 +200,18 @@ def test_swad_run_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterru
     _, (uninterrupted,) = runs(tmp_path, "reference")
     assert resumed.info.status == "FINISHED"
     summaries = [
-        json.loads(Path(client.download_artifacts(r.info.run_id, "summary.json", str(tmp_path / r.info.run_id))).read_text())
-        for r in (resumed, uninterrupted)
+        json.loads(download(client, r.info.run_id, "summary.json", tmp_path).read_text()) for r in (resumed, uninterrupted)
     ]
     assert summaries[0] == summaries[1] and summaries[0]["averaged/converged"] == 1.0
     best = [
-        torch.load(tmp_path / folder / r.info.run_id / "best.pt", weights_only=True)["model"]
-        for folder, r in (("checkpoints", resumed), ("r", uninterrupted))
+        torch.load(download(client, r.info.run_id, "checkpoints/best.pt", tmp_path), weights_only=True)["model"]
+        for r in (resumed, uninterrupted)
     ]
     assert all(torch.equal(best[0][key], best[1][key]) for key in best[0])
+
+
+def download(client: MlflowClient, run_id: str, artifact: str, folder: Path) -> Path:
+    return Path(client.download_artifacts(run_id, artifact, str(folder / run_id)))
 
 
 def test_dmg_masks_are_averaged_with_the_rest():

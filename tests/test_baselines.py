@@ -309,7 +309,7 @@ def test_mixstyle_mixes_after_the_named_stages_only_in_training():
 
 
 def test_mixstyle_refuses_the_last_stage():
-    with pytest.raises(UserError, match="method.layers must name stages before the last one"):
+    with pytest.raises(UserError, match=r"layers must be a list of stages before the last one \(fc\), got \['fc'\]"):
         MixStyle(backbones.small_cnn(CLASSES, 1, width=4), DOMAINS, optimizer=adam, layers=["fc"])
 
 

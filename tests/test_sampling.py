@@ -87,4 +87,4 @@ def test_domains_of_file_datasets_are_read_without_images(tmp_path):
 
 def test_unknown_sampler_is_one_clear_error(isolated):
     with pytest.raises(UserError, match="sampler must be one of shuffled, balanced, got 'random'"):
-        run(compose_config(["dataset.builder.max_images=600", *isolated, "sampler=random"]))
+        run(compose_config(["dataset.max_images=600", *isolated, "sampler=random"]))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
 
@@ -32,6 +33,7 @@ class FeatureAlignment(Aggregate):
 
     def __init__(self, *args, penalty_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        check_number("penalty_weight", penalty_weight, least=0)
         self.penalty_weight = penalty_weight
 
     def distances(self, features: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,8 @@ class MMD(FeatureAlignment):
 
     def __init__(self, *args, kernel_gammas: Sequence[float] = DOMAINBED_GAMMAS, **kwargs):
         super().__init__(*args, **kwargs)
+        for gamma in kernel_gammas:
+            check_number("kernel_gammas", gamma, above=0)
         self.kernel_gammas = [float(gamma) for gamma in kernel_gammas]
 
     def distances(self, features, d):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmg.errors import BadValue, check_count, check_number
 from dmg.methods.base import Method, OptimizerFactory, SchedulerFactory, init_classifier
 from dmg.models.staged import StagedNetwork
 
@@ -48,8 +49,12 @@ class DANN(Method):
         classifier_init_std: float | None = None,
     ):
         super().__init__(scheduler, scheduler_interval)
-        if discriminator_depth < 2 or discriminator_steps < 1:
-            raise ValueError("discriminator_depth must be >= 2 and discriminator_steps >= 1")
+        check_number("adversarial_weight", adversarial_weight, least=0)
+        check_count("discriminator_width", discriminator_width, 1)
+        check_count("discriminator_depth", discriminator_depth, 2)
+        check_fraction("discriminator_dropout", discriminator_dropout)
+        check_count("discriminator_steps", discriminator_steps, 1)
+        check_number("grad_penalty", grad_penalty, least=0)
         self.network = network
         init_classifier(network.classifier, classifier_init_std)
         features = network.classifier.in_features
@@ -88,6 +93,12 @@ class DANN(Method):
 
     def predict(self, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         return self.network(x)
+
+
+def check_fraction(key: str, value: float) -> None:
+    check_number(key, value, least=0)
+    if value >= 1:
+        raise BadValue(key, "a number in [0, 1)", value)
 
 
 def _input_gradient_penalty(features: torch.Tensor, domain_logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
 
@@ -19,6 +20,7 @@ class GroupDRO(Aggregate):
 
     def __init__(self, *args, eta: float = 1e-2, **kwargs):
         super().__init__(*args, **kwargs)
+        check_number("eta", eta, least=0)
         self.eta = eta
         self.register_buffer("domain_weights", torch.ones(self.num_domains))  # q, checkpointed with the weights
         self._next_weights: torch.Tensor | None = None

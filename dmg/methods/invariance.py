@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmg.errors import check_count, check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
 
@@ -20,6 +21,8 @@ class AnnealedPenalty(Aggregate):
 
     def __init__(self, *args, penalty_weight: float, anneal_steps: int = 500, **kwargs):
         super().__init__(*args, **kwargs)
+        check_number("penalty_weight", penalty_weight, least=0)
+        check_count("anneal_steps", anneal_steps, 0)
         self.penalty_weight = penalty_weight
         self.anneal_steps = anneal_steps
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dmg.errors import UserError
+from dmg.errors import BadValue, UserError, check_number
 from dmg.methods.aggregate import Aggregate
 
 
@@ -36,7 +36,12 @@ class MixStyle(Aggregate):
         names = self.network.names
         positions = [self.network.index(name) for name in layers]
         if not layers or max(positions) >= len(names) - 1:
-            raise UserError(f"method.layers must name stages before the last one ({names[-1]}), got {list(layers)}")
+            raise BadValue("layers", f"a list of stages before the last one ({names[-1]})", list(layers))
+        check_number("p", p, least=0)
+        if p > 1:
+            raise BadValue("p", "a probability in [0, 1]", p)
+        check_number("alpha", alpha, above=0)
+        check_number("eps", eps, above=0)
         self.mixed_inputs = {names[position + 1] for position in positions}  # mixing after a stage = before the next
         self.p = p
         self.eps = eps

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
 
@@ -21,8 +22,7 @@ class Mixup(Aggregate):
 
     def __init__(self, *args, alpha: float = 0.2, **kwargs):
         super().__init__(*args, **kwargs)
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        check_number("alpha", alpha, above=0)
         self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
 
     def objective(self, x, y, d):
