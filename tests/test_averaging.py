@@ -200,7 +200,8 @@ def test_swad_run_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterru
     _, (uninterrupted,) = runs(tmp_path, "reference")
     assert resumed.info.status == "FINISHED"
     summaries = [
-        json.loads(download(client, r.info.run_id, "summary.json", tmp_path).read_text()) for r in (resumed, uninterrupted)
+        json.loads(download(client, r.info.run_id, "summary.json", tmp_path).read_text())
+        for r in (resumed, uninterrupted)
     ]
     assert summaries[0] == summaries[1] and summaries[0]["averaged/converged"] == 1.0
     best = [

@@ -79,7 +79,7 @@ BAD_INPUT = [
     (["sampler=random"], "sampler must be one of shuffled, balanced, got 'random'"),
     (["sampler=balanced", "batch_size=3"], "batch_size must be at least the number of source domains (5)"),
     (["mask.granularity=pixel"], "mask.granularity must be one of channel, element, got 'pixel'"),
-    (["optim.schedule_masks=sometimes"], "optim.schedule_masks must be true or false (default: False), got 'sometimes'"),
+    (["optim.schedule_masks=maybe"], "optim.schedule_masks must be true or false (default: False), got 'maybe'"),
     (["averaging=swad", "averaging.n_converge=0"], "averaging.n_converge must be an integer >= 1, got 0"),
     (["averaging=swad", "averaging.tolerance_ratio=-1"], "averaging.tolerance_ratio must be a finite number >= 0"),
     (["method=coral", "method.penalty_weight=-1"], "method.penalty_weight must be a finite number >= 0, got -1"),

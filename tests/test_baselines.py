@@ -365,9 +365,11 @@ def test_dmg_with_element_masks_runs_and_plots_its_masks(store):
     }
 
 
-# Every method on the small CNN and ResNet-18; AlexNet and ResNet-50 differ only in feature size and stage names,
-# checked with the methods that depend on them (slow on a CPU).
-COMBINATIONS = [(method, backbone) for backbone in ("small_cnn", "resnet18") for method in NEW_METHODS]
+# Every method on every backbone family: the small CNN quickly; ResNet-18 (BatchNorm, 512 features), AlexNet (4096
+# features, dropout) and ResNet-50 as slow tests (the latter two with the methods that depend on feature size or
+# stage names).
+COMBINATIONS = [(method, "small_cnn") for method in NEW_METHODS]
+COMBINATIONS += [pytest.param(method, "resnet18", marks=pytest.mark.slow) for method in NEW_METHODS]
 COMBINATIONS += [
     pytest.param(method, backbone, marks=pytest.mark.slow)
     for backbone in ("alexnet", "resnet50")
