@@ -2,8 +2,9 @@
 
 The batch's source domains are put in a random cycle; each domain ``a`` is mixed with the next one ``b``:
 sample ``k`` of ``a`` with sample ``k`` of ``b``, ``x = lam_a * x_a + (1 - lam_a) * x_b``,
-``lam_a ~ Beta(alpha, alpha)`` drawn per pair, and the pair's loss is ``mean(lam_a * CE(f(x), y_a) + (1 - lam_a) * CE(f(x), y_b))``. The objective
-is the sum of the pairs' losses divided by the number of domains. Expects balanced batches (``sampler=balanced``):
+``lam_a ~ Beta(alpha, alpha)`` drawn per pair, and the pair's loss is
+``mean(lam_a * CE(f(x), y_a) + (1 - lam_a) * CE(f(x), y_b))``. The objective is the sum of the pairs' losses
+divided by the number of domains. Expects balanced batches (``sampler=balanced``):
 a sample without a partner of the same rank in the next domain is left out of the loss.
 """
 
