@@ -10,12 +10,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from dmg import checkpoints
 from dmg.averaging import SWAD, LossValley
 from dmg.data.loading import OnDevice, make_loader
 from dmg.errors import UserError
 from dmg.experiment import run
 from dmg.loop import recompute_batch_norm
+from tests.test_run import run_interrupted_after_epoch
 
 
 def valley(losses, **options):
@@ -184,17 +184,7 @@ def test_swad_run_resumed_after_an_interruption_ends_bit_for_bit_as_an_uninterru
     reference = run(
         quick_config("epochs=4", *SWAD_RUN, "tracking.experiment=reference", f"checkpoint_dir={tmp_path}/r")
     )
-    save = checkpoints.Checkpointer.save
-
-    def save_then_interrupt(self, method, history, is_best, averaging=None):
-        save(self, method, history, is_best, averaging)
-        if len(history) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(quick_config("epochs=4", *SWAD_RUN))
-    monkeypatch.undo()
+    run_interrupted_after_epoch(quick_config("epochs=4", *SWAD_RUN), 2, monkeypatch)
     assert run(quick_config("epochs=4", *SWAD_RUN)) == reference
     client, (resumed,) = runs(tmp_path)
     _, (uninterrupted,) = runs(tmp_path, "reference")
