@@ -73,7 +73,9 @@ class DANN(Method):
         )
 
     def discriminators_turn(self) -> bool:
-        """DomainBed's schedule: of every ``discriminator_steps + 1`` steps, the generator takes the first."""
+        """DomainBed's schedule: the discriminator's turn unless the 1-based step count modulo
+        ``discriminator_steps + 1`` equals ``discriminator_steps`` (one network step in every
+        ``discriminator_steps + 1``)."""
         return (self.steps + 1) % (self.discriminator_steps + 1) < self.discriminator_steps
 
     def stepping_optimizers(self):
