@@ -31,15 +31,23 @@ class Checkpointer:
         self.previous = self.directory / "previous.pt"
         self.best = self.directory / "best.pt"
 
-    def save(self, method: Method, history: list[dict], is_best: bool) -> None:
+    def save(self, method: Method, history: list[dict], is_best: bool, averaging=None) -> None:
+        """``averaging``: a weight-averaging state (``state_dict``/``load_state_dict``) that continues on resume."""
         epoch = len(history) - 1
         if is_best:
-            _atomic_save({"epoch": epoch, "model": method.state_dict()}, self.best)
+            self.save_best(method, epoch)
         state = {"epoch": epoch, "model": method.state_dict(), "training": method.training_state(), "history": history}
+        if averaging is not None:
+            state["averaging"] = averaging.state_dict()
         _atomic_save(state, self.last, keep_as=self.previous)
 
-    def restore(self, method: Method) -> list[dict]:
-        """Load the newest readable checkpoint into ``method``; returns the metrics history so far ([] if none)."""
+    def save_best(self, method: Method, epoch: int) -> None:
+        """The selected model's weights (the best epoch's, or the averaged ones)."""
+        _atomic_save({"epoch": epoch, "model": method.state_dict()}, self.best)
+
+    def restore(self, method: Method, averaging=None) -> list[dict]:
+        """Load the newest readable checkpoint into ``method`` (and ``averaging``); returns the metrics history so far
+        ([] if none)."""
         self.remove_partial_writes()
         state = next(filter(None, map(_read, (self.last, self.previous))), None)
         if state and self.best.exists() and _read(self.best) is None:
@@ -50,6 +58,8 @@ class Checkpointer:
             return []
         method.load_state_dict(state["model"])
         method.load_training_state(state["training"])
+        if averaging is not None and "averaging" in state:
+            averaging.load_state_dict(state["averaging"])
         return state["history"]
 
     def load_best(self, method: Method) -> int:

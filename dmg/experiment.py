@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from dmg.averaging import NoAveraging
 from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
 from dmg.data import DomainSplits, choose_domains
 from dmg.data.loading import OnDevice, make_loader
 from dmg.errors import BadValue, Terminated, UserError
-from dmg.loop import Loaders, fit
+from dmg.loop import Loaders, finish_average, fit
 from dmg.methods.base import Method
 from dmg.models.staged import InputTooSmall, StagedNetwork
 from dmg.settings import check_settings
@@ -50,15 +51,18 @@ def run(cfg: DictConfig) -> float:
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
+    averaging = build_averaging(cfg)
     loaders = build_loaders(splits, cfg, device)
     with sigterm_raises():
-        summary = train_and_track(cfg, method, loaders, splits)
-    title = f"{cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
+        summary = train_and_track(cfg, method, averaging, loaders, splits)
+    title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
     print_summary(summary, sources, targets, title)
     return summary[cfg.optimized_metric]
 
 
-def train_and_track(cfg: DictConfig, method: Method, loaders: Loaders, splits: DomainSplits) -> dict:
+def train_and_track(
+    cfg: DictConfig, method: Method, averaging: NoAveraging, loaders: Loaders, splits: DomainSplits
+) -> dict:
     """Train in the MLflow run of this config (continued if it was interrupted); returns the run's summary.
 
     However the process stops, the run does not stay RUNNING: Ctrl-C and SIGTERM mark it KILLED, any error FAILED,
@@ -69,8 +73,9 @@ def train_and_track(cfg: DictConfig, method: Method, loaders: Loaders, splits: D
              tracker.run_id, splits.sources, splits.targets)  # fmt: skip
     checkpoints = Checkpointer(tracker.directory)
     try:
-        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress)
-        summary = summarize(history)
+        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging)
+        averaged = finish_average(method, averaging, loaders, checkpoints, cfg.seed, len(history))
+        summary = summarize(history, averaged)
         finish_run(tracker, method, checkpoints, summary, history, splits.sources, cfg.keep_checkpoints)
     except BaseException as error:
         end_interrupted(tracker, error)
@@ -128,6 +133,18 @@ def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     return build(options, "method", network=network, domains=sources)
 
 
+def build_averaging(cfg: DictConfig) -> NoAveraging:
+    """The weight averaging of the ``averaging/`` group (``none`` or ``swad``)."""
+    options = OmegaConf.to_container(cfg.averaging, resolve=True)
+    del options["name"]
+    return build(options, "averaging")
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The method as runs and tables name it: ``dmg``, or ``dmg+swad`` with weight averaging."""
+    return cfg.method.name if cfg.averaging.name == "none" else f"{cfg.method.name}+{cfg.averaging.name}"
+
+
 def check_optimizers(optim: DictConfig) -> None:
     """Build every optimiser of the ``optim`` group on a dummy parameter: torch checks lr, betas, weight decay."""
     for name, node in optim.items():
@@ -165,7 +182,9 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device) -
     def evaluation(dataset: Dataset) -> OnDevice:
         return OnDevice(make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers), device, eval_batch)
 
-    train = make_loader(splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last)
+    train = make_loader(
+        splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last, sampler=cfg.sampler
+    )
     return Loaders(
         train=OnDevice(train, device, train_batch),
         val={name: evaluation(dataset) for name, dataset in splits.val.items()},
@@ -175,7 +194,8 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device) -
 
 def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
     tags = {
-        "method": cfg.method.name,
+        "method": method_label(cfg),
+        "averaging": cfg.averaging.name,
         "dataset": cfg.dataset.name,
         "target": "+".join(targets),
         "backbone": cfg.backbone.name,

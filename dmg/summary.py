@@ -15,33 +15,43 @@ from rich.table import Table
 from dmg.loop import Metrics, selected_epoch
 
 
-def summarize(history: list[Metrics]) -> dict[str, float]:
-    """Accuracies at the selected epoch (best mean in-domain accuracy) and at the last epoch.
+def summarize(history: list[Metrics], averaged: Metrics | None = None) -> dict[str, float]:
+    """Accuracies of the reported model (``selected/``) and of the last epoch (``last/``).
 
     Keys: ``selected_epoch`` (1-based), ``selected/val/acc/<source>``, ``selected/test/acc_mean``,
-    ``last/test/acc/<target>``, ...
+    ``last/test/acc/<target>``, ... Without averaging the reported model is the selected epoch's (best mean
+    in-domain accuracy). With it (``averaged`` holds the averaged model's metrics) the reported model is the
+    averaged one, the selected epoch's accuracies are kept as ``online/...`` and the averaged model's other
+    metrics (range of epochs, mask overlaps, ...) as ``averaged/...``.
     """
     best = selected_epoch(history)
     summary: dict[str, float] = {"selected_epoch": best + 1, "epochs": len(history)}
-    for label, metrics in (("selected", history[best]), ("last", history[-1])):
+    reported = {"selected": averaged, "online": history[best]} if averaged else {"selected": history[best]}
+    for label, metrics in (reported | {"last": history[-1]}).items():
         summary.update({f"{label}/{key}": value for key, value in metrics.items() if "/acc" in key})
+    if averaged:
+        summary.update({f"averaged/{key}": value for key, value in averaged.items() if "/acc" not in key})
     return summary
 
 
 def print_summary(summary: dict[str, float], sources: list[str], targets: list[str], title: str) -> None:
     """A table with one row per domain: in-domain (sources) or out-of-domain (targets) accuracy."""
-    table = Table(
-        title=title,
-        caption=f"selected epoch {summary['selected_epoch']} of {summary['epochs']} (best mean in-domain accuracy)",
-    )
-    for column in ("domain", "role", "selected epoch", "last epoch"):
+    averaged = "online/val/acc_mean" in summary
+    best = f"selected epoch {summary['selected_epoch']} of {summary['epochs']} (best mean in-domain accuracy)"
+    columns = {"selected": "selected epoch", "last": "last epoch"}
+    if averaged:
+        first, last = int(summary["averaged/first_epoch"]), int(summary["averaged/last_epoch"])
+        best = f"weights averaged over epochs {first}-{last}; online model: {best}"
+        columns = {"selected": "averaged", "online": "online, selected epoch", "last": "online, last epoch"}
+    table = Table(title=title, caption=best)
+    for column in ("domain", "role", *columns.values()):
         table.add_column(column, justify="left" if column in ("domain", "role") else "right")
     rows = [(name, "source (val)", f"val/acc/{name}") for name in sources] + [("mean", "in-domain", "val/acc_mean")]
     rows += [(name, "target (test)", f"test/acc/{name}") for name in targets] + [
         ("mean", "out-of-domain", "test/acc_mean")
     ]
     for name, role, key in rows:
-        table.add_row(name, role, f"{100 * summary[f'selected/{key}']:.2f}", f"{100 * summary[f'last/{key}']:.2f}")
+        table.add_row(name, role, *(f"{100 * summary[f'{label}/{key}']:.2f}" for label in columns))
     Console().print(table)
 
 

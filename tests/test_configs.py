@@ -10,7 +10,7 @@ from dmg.data import choose_domains
 from dmg.experiment import build_method
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ["dataset", "backbone", "method", "mask", "optim"]
+GROUPS = ["dataset", "backbone", "method", "mask", "optim", "averaging"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
@@ -35,7 +35,7 @@ def test_option_composes_and_instantiates(group, option):
     sources, _ = choose_domains(dataset.domains, cfg.target, cfg.sources)
     method = build_method(cfg, sources)
     assert method.predict(torch.zeros(2, *cfg.dataset.input_shape)).shape == (2, cfg.dataset.num_classes)
-    assert callable(instantiate(cfg.mask))
+    assert callable(instantiate(cfg.mask.init)) and cfg.mask.granularity in ("channel", "element")
     assert cfg.optimized_metric and cfg.tracking.experiment == cfg.dataset.name
 
 

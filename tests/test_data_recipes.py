@@ -39,13 +39,14 @@ def test_recipe(dataset, backbone, method):
         and cfg.optim.weight_decay == (1e-5 if dataset == "pacs" else 0.0)
     )
     assert cfg.optim.scheduler_interval == ("epoch" if dataset == "pacs" else "step")
+    assert cfg.optim.schedule_masks == (dataset == "domainnet")  # the reference: mask schedule per iteration only
     assert cfg.backbone.mask_layers == MASKED[backbone] and cfg.backbone.split_layer == SPLIT[backbone]
     assert cfg.method.classifier_init_std == (None if method == "dmg" else 0.001)
     if method == "dmg":
         assert (
             cfg.method.overlap_lambda == 0.1
             and cfg.method.sparsity_lambda == 0.0
-            and cfg.mask._target_ == "torch.nn.init.uniform_"
+            and cfg.mask.init._target_ == "torch.nn.init.uniform_"
         )
     assert tuple(cfg.dataset.input_shape) == (3, 224, 224)
 

@@ -110,3 +110,38 @@ def test_masking_a_layer_with_unsupported_input_rank_is_refused():
     network = StagedNetwork([("seq", nn.Identity()), ("fc", nn.Linear(4, 2))])
     with pytest.raises(UserError, match="cannot mask layer 'seq'"):
         MaskedNetwork(network, ["seq"], 2, nn.init.zeros_, (3, 4))
+
+
+def test_element_masks_have_one_entry_per_activation_of_a_conv_input():
+    torch.manual_seed(0)
+    masked = MaskedNetwork(small_cnn(10, 1, width=4), ["conv3", "fc"], 2, nn.init.normal_, (1, 28, 28), "element")
+    assert {name: p.shape for name, p in masked.probabilities().items()} == {"conv3": (2, 8 * 7 * 7), "fc": (2, 16)}
+    mask = masked.masks["conv3"]
+    x = torch.randn(3, 8, 7, 7)
+    d = torch.tensor([1, 0, 1])
+    p = mask.probabilities().detach()
+    assert torch.allclose(mask(x, d, "soft"), x * p[d].view(3, 8, 7, 7))
+    assert torch.equal(mask(x, d, "greedy"), x * (p[d] > 0.5).float().view(3, 8, 7, 7))
+    with torch.no_grad():
+        assert masked.eval().forward_ensemble(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_element_mask_ensemble_equals_one_full_pass_per_source_mask():
+    torch.manual_seed(0)
+    masked = MaskedNetwork(
+        small_cnn(10, 1, width=4),
+        ["conv2", "conv3"],
+        3,
+        partial(nn.init.uniform_, a=-1.0, b=2.0),
+        (1, 28, 28),
+        "element",
+    ).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        per_domain = [masked(x, torch.full((4,), k), "soft") for k in range(3)]
+        assert torch.allclose(masked.forward_ensemble(x), torch.stack(per_domain).mean(0), atol=1e-5)
+
+
+def test_unknown_granularity_is_refused():
+    with pytest.raises(UserError, match="mask.granularity must be one of channel, element, got 'pixel'"):
+        MaskedNetwork(small_cnn(10, 1, width=4), ["conv3"], 2, nn.init.zeros_, (1, 28, 28), "pixel")

@@ -137,3 +137,34 @@ def test_classifier_init_std_sets_a_small_normal_classifier():
     weight = method.network.classifier.weight
     assert weight.std().item() == pytest.approx(0.001, rel=0.1)
     assert torch.count_nonzero(method.network.classifier.bias) == 0
+
+
+def test_dmg_element_masks_give_overlaps_and_active_fractions_per_activation():
+    torch.manual_seed(0)
+    make_network, shape, mask_layers, _ = BACKBONES["small_cnn"]
+    method = DMG(make_network(), DOMAINS, mask_layers, nn.init.normal_, shape, adam, adam, mask_granularity="element")
+    p = method.masked.probabilities()["conv3"]  # (3 domains, 8 x 7 x 7)
+    hard = (p > 0.5).float()
+    intersection = (hard[0] * hard[1]).sum()
+    union = hard[0].sum() + hard[1].sum() - intersection
+    metrics = method.epoch_metrics()
+    assert p.shape == (3, 8 * 7 * 7)
+    assert metrics["mask/conv3/iou/a-b"] == pytest.approx((intersection / union).item())
+    assert metrics["mask/conv3/active/c"] == pytest.approx(hard[2].mean().item())
+    x, y, d = batch("small_cnn")
+    expected = sum(v.sum().item() for v in method.masked.probabilities().values())
+    assert method.update(x, y, d)["sparsity"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule_masks", [False, True])
+def test_schedule_masks_decides_whether_the_mask_learning_rate_follows_the_schedule(schedule_masks):
+    halve = partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
+    method = make_method("dmg", "small_cnn", scheduler=halve, schedule_masks=schedule_masks)
+    method.update(*batch("small_cnn"))
+    method.end_epoch()
+    method.end_epoch()
+    assert method.learning_rates() == {"network": 1e-3 / 4, "masks": 1e-3 / 4 if schedule_masks else 1e-3}
+    resumed = make_method("dmg", "small_cnn", scheduler=halve, schedule_masks=schedule_masks)
+    resumed.load_training_state(method.training_state())
+    resumed.end_epoch()
+    assert resumed.learning_rates()["network"] == 1e-3 / 8

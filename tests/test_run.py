@@ -33,8 +33,8 @@ def run_interrupted_after_epoch(cfg, epoch: int, monkeypatch) -> None:
     """Run ``cfg`` and stop it as Ctrl-C does right after the checkpoint of ``epoch`` (1-based) is written."""
     save = checkpoints.Checkpointer.save
 
-    def save_then_interrupt(self, method, history, is_best):
-        save(self, method, history, is_best)
+    def save_then_interrupt(self, method, history, is_best, averaging=None):
+        save(self, method, history, is_best, averaging)
         if len(history) == epoch:
             raise KeyboardInterrupt
 
@@ -132,8 +132,8 @@ def test_a_truncated_checkpoint_is_named_and_the_run_continues_from_an_older_one
     restored = []
     restore = checkpoints.Checkpointer.restore
 
-    def restore_and_count(self, method):
-        history = restore(self, method)
+    def restore_and_count(self, method, averaging=None):
+        history = restore(self, method, averaging)
         restored.append(len(history))
         return history
 

@@ -14,25 +14,42 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from dmg.data.sampling import SAMPLERS, BalancedBatches, domain_labels
+from dmg.errors import UserError
+
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    sampler: str = "shuffled",
 ) -> DataLoader:
     """A DataLoader whose order is fixed by ``loader.generator`` (reseed it at each epoch for resumable runs).
 
     In-memory tensor datasets are sliced a whole batch at a time (no per-sample Python); file-backed
-    datasets go through the usual per-sample workers.
+    datasets go through the usual per-sample workers. ``sampler="balanced"`` (training only) gives every
+    batch the same number of samples of each source domain (dmg/data/sampling.py).
     """
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     generator = torch.Generator()
+    balanced = None
+    if sampler == "balanced":
+        balanced = BalancedBatches(domain_labels(dataset), batch_size, generator, drop_last)
     if isinstance(dataset, TensorDataset):
         order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        batches = BatchSampler(order, batch_size, drop_last)
+        batches = balanced if balanced is not None else BatchSampler(order, batch_size, drop_last)
         return DataLoader(dataset, sampler=batches, batch_size=None, generator=generator)
+    batching = (
+        {"batch_sampler": balanced}
+        if balanced is not None
+        else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
+        **batching,
         num_workers=num_workers,
         generator=generator,
         # Fresh workers every epoch take their seeds from the reseeded generator: augmentation is then a function

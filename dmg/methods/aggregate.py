@@ -12,7 +12,7 @@ from dmg.models.staged import StagedNetwork
 
 
 class Aggregate(Method):
-    """One network for all domains; domain labels (and so ``domains``) are ignored."""
+    """One network for all domains; domain labels are ignored (subclasses that compare domains use them)."""
 
     def __init__(
         self,
@@ -25,6 +25,8 @@ class Aggregate(Method):
     ):
         super().__init__(scheduler, scheduler_interval)
         self.network = network
+        self.domains = list(domains)
+        self.num_domains = len(self.domains)
         init_classifier(network.classifier, classifier_init_std)
         self.configure_optimizers({"network": (optimizer, network.parameters())})
 

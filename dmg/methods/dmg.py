@@ -24,7 +24,13 @@ OUT_OF_DOMAIN_MODES = ("ensemble", "avg_mask")
 
 
 class DMG(Method):
-    """A network with per-domain masks on ``mask_layers``, trained with two optimisers (network, masks)."""
+    """A network with per-domain masks on ``mask_layers``, trained with two optimisers (network, masks).
+
+    ``schedule_masks``: the learning-rate schedule also drives the mask optimiser (the reference does so for its
+    per-iteration DomainNet schedule, not for PACS's per-epoch one). ``mask_granularity``: ``channel`` (one mask
+    entry per channel of a 4-D layer input) or ``element`` (one per activation, C x H x W: the reference's
+    ``POLICY_CONV_MODE: False``).
+    """
 
     def __init__(
         self,
@@ -39,8 +45,10 @@ class DMG(Method):
         sparsity_lambda: float = 0.0,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
+        schedule_masks: bool = False,
         classifier_init_std: float | None = None,
         ood_mode: str = "ensemble",
+        mask_granularity: str = "channel",
     ):
         super().__init__(scheduler, scheduler_interval)
         check_number("overlap_lambda", overlap_lambda, least=0)
@@ -49,12 +57,13 @@ class DMG(Method):
             raise ValueError(f"ood_mode must be one of {', '.join(OUT_OF_DOMAIN_MODES)}, got {ood_mode!r}")
         init_classifier(network.classifier, classifier_init_std)
         self.domains = list(domains)
-        self.masked = MaskedNetwork(network, mask_layers, len(self.domains), mask_init, input_shape)
+        self.masked = MaskedNetwork(network, mask_layers, len(self.domains), mask_init, input_shape, mask_granularity)
         self.overlap_lambda = overlap_lambda
         self.sparsity_lambda = sparsity_lambda
         self.ood_mode = ood_mode
         self.configure_optimizers(
-            {"network": (optimizer, network.parameters()), "masks": (mask_optimizer, self.masked.masks.parameters())}
+            {"network": (optimizer, network.parameters()), "masks": (mask_optimizer, self.masked.masks.parameters())},
+            scheduled=("network", "masks") if schedule_masks else ("network",),
         )
 
     def train(self, mode: bool = True):

@@ -1,13 +1,15 @@
 """Domain-specific masks over layer inputs (DMG, Chattopadhyay et al., ECCV 2020, Sec. 3).
 
 Each masked layer ``l`` has one logit per source domain and input unit, ``s[l]`` of shape
-(domains, units); ``p = sigmoid(s)`` is the probability of keeping a unit. Units are channels for a 4-D
-input (the mask is broadcast over H x W) and features for a 2-D input. All domains are handled at once
-by indexing with the batch's domain-index tensor.
+(domains, units); ``p = sigmoid(s)`` is the probability of keeping a unit. Units are features for a 2-D
+input; for a 4-D input they are channels (``granularity="channel"``, the mask is broadcast over H x W) or
+single activations (``granularity="element"``, C x H x W units: the reference code's default,
+``POLICY_CONV_MODE: False``). All domains are handled at once by indexing with the batch's domain-index tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,14 +37,20 @@ def soft(p: torch.Tensor) -> torch.Tensor:
 
 
 MASK_MODES = {"sample": sample_straight_through, "greedy": greedy, "soft": soft}
+GRANULARITIES = ("channel", "element")
 
 
 class DomainMask(nn.Module):
-    """The masks of one layer for every source domain: logits of shape (domains, units)."""
+    """The masks of one layer for every source domain: logits of shape (domains, units).
 
-    def __init__(self, num_domains: int, units: int, init: MaskInit):
+    ``unit_shape`` is how the units lie on the layer's input: ``(C,)`` for features or channels, ``(C, H, W)``
+    for single activations.
+    """
+
+    def __init__(self, num_domains: int, units: int | Sequence[int], init: MaskInit):
         super().__init__()
-        self.logits = nn.Parameter(torch.empty(num_domains, units))
+        self.unit_shape = (units,) if isinstance(units, int) else tuple(units)
+        self.logits = nn.Parameter(torch.empty(num_domains, math.prod(self.unit_shape)))
         with torch.no_grad():
             init(self.logits)
 
@@ -53,7 +61,7 @@ class DomainMask(nn.Module):
         """``x`` (B, units[, H, W]) times the mask of each sample's domain ``d`` (B,); ``d=None`` uses the mean mask."""
         p = self.probabilities()
         keep = MASK_MODES[mode](p[d] if d is not None else p.mean(0, keepdim=True))  # (B or 1, units)
-        return x * keep.view(*keep.shape, *(1,) * (x.dim() - 2))
+        return x * keep.view(len(keep), *self.unit_shape, *(1,) * (x.dim() - 1 - len(self.unit_shape)))
 
 
 class MaskedNetwork(nn.Module):
@@ -66,16 +74,19 @@ class MaskedNetwork(nn.Module):
         num_domains: int,
         init: MaskInit,
         input_shape: Sequence[int],
+        granularity: str = "channel",
     ):
         super().__init__()
         if not layers or len(set(layers)) != len(layers):
             raise UserError(f"backbone.mask_layers must name distinct layers, at least one; got {list(layers)}")
+        if granularity not in GRANULARITIES:
+            raise UserError(f"mask.granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
         self.network = network
         self.num_domains = num_domains
         self.layers = sorted(layers, key=network.index)
         shapes = network.stage_input_shapes(input_shape)
         self.masks = nn.ModuleDict(
-            {_key(name): DomainMask(num_domains, _units(name, shapes[name]), init) for name in self.layers}
+            {_key(name): DomainMask(num_domains, _units(name, shapes[name], granularity), init) for name in self.layers}
         )
         self.first_masked = network.index(self.layers[0])
 
@@ -112,12 +123,13 @@ def _key(layer: str) -> str:
     return layer.replace(".", "_")
 
 
-def _units(layer: str, shape: torch.Size) -> int:
+def _units(layer: str, shape: torch.Size, granularity: str) -> tuple[int, ...]:
+    """The mask's unit shape for a layer input of ``shape`` (batch first)."""
     if len(shape) not in (2, 4):
         raise UserError(
             f"cannot mask layer {layer!r}: its input has shape {tuple(shape[1:])}, expected (C,) or (C, H, W)"
         )
-    return shape[1]
+    return tuple(shape[1:]) if granularity == "element" else (shape[1],)
 
 
 def soft_iou(p: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,10 @@ class StagedNetwork(nn.Module):
         """The stages ``[start, stop)`` as a network of their own (sharing the modules)."""
         return StagedNetwork(list(zip(self.names, self.stages.values()))[start:stop])
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier stage's input (B, features): what feature-alignment methods compare across domains."""
+        return self.run(x, stop=len(self.names) - 1)
+
     @property
     def classifier(self) -> nn.Linear:
         """The last stage: the linear classifier sized to the dataset."""

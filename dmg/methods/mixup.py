@@ -1,0 +1,60 @@
+"""Inter-domain Mixup (Xu et al., AAAI 2020; Yan et al., 2020), as DomainBed's ``Mixup``.
+
+The batch's source domains are put in a random cycle; each domain ``a`` is mixed with the next one ``b``:
+sample ``k`` of ``a`` with sample ``k`` of ``b``, ``x = lam_a * x_a + (1 - lam_a) * x_b``,
+``lam_a ~ Beta(alpha, alpha)`` drawn per pair, and the pair's loss is
+``mean(lam_a * CE(f(x), y_a) + (1 - lam_a) * CE(f(x), y_b))``. The objective is the sum of the pairs' losses
+divided by the number of domains. Expects balanced batches (``sampler=balanced``):
+a sample without a partner of the same rank in the next domain is left out of the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dmg.errors import check_number
+from dmg.methods import by_domain
+from dmg.methods.aggregate import Aggregate
+
+
+class Mixup(Aggregate):
+    """Cross-entropy on convex combinations of samples of two source domains."""
+
+    def __init__(self, *args, alpha: float = 0.2, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_number("alpha", alpha, above=0)
+        self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+
+    def objective(self, x, y, d):
+        cycle = torch.randperm(self.num_domains).to(d.device)  # order of the domains in the cycle
+        lam = self.beta.sample((self.num_domains,)).to(x.device)  # one weight per pair (per first domain)
+        return self.mixed_objective(x, y, d, cycle, lam)
+
+    def mixed_objective(self, x, y, d, cycle: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss for a given cycle of domains and per-pair weights ``lam`` (indexed by the pair's first domain)."""
+        partner, paired = self.partners(d, cycle)  # (B,) indices, (B,) bool
+        weight = lam[d].view(-1, *(1,) * (x.dim() - 1))
+        logits = self.network(weight * x + (1 - weight) * x[partner])
+        per_sample = lam[d] * F.cross_entropy(logits, y, reduction="none")
+        per_sample = per_sample + (1 - lam[d]) * F.cross_entropy(logits, y[partner], reduction="none")
+        pair_losses = by_domain.means(per_sample, d, self.num_domains, weights=paired)  # (D,)
+        loss = pair_losses.sum() / (by_domain.counts(d, self.num_domains) > 0).sum()
+        return {"loss": loss}
+
+    def partners(self, d: torch.Tensor, cycle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's partner: the sample of the same rank in the next domain of the cycle (present domains only).
+
+        Returns the partner indices (a sample without a partner is its own) and which samples have one.
+        """
+        present = by_domain.counts(d, self.num_domains) > 0
+        position = torch.empty_like(cycle).scatter_(0, cycle, torch.arange(len(cycle), device=cycle.device))
+        order = torch.argsort(torch.where(present, position, position + len(cycle)))  # present domains first
+        following = torch.empty_like(order)
+        following[order] = order[(torch.arange(len(order), device=d.device) + 1) % present.sum()]
+        rank = by_domain.rank_within_domain(d, self.num_domains)
+        table = torch.full((self.num_domains, len(d)), -1, dtype=torch.long, device=d.device)
+        table[d, rank] = torch.arange(len(d), device=d.device)  # table[domain, rank] = sample index
+        partner = table[following[d], rank]
+        paired = partner >= 0
+        return torch.where(paired, partner, torch.arange(len(d), device=d.device)), paired
