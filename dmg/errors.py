@@ -44,11 +44,11 @@ class RunInProgress(SetupError):
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, losses: dict[str, float]):
+    def __init__(self, step: int, losses: dict[str, float], checked: tuple[int, int] | None = None):
         terms = ", ".join(f"{name}={value}" for name, value in losses.items())
+        where = f"at training step {step}" + (f" (steps {checked[0]}-{checked[1]} checked, means: {terms})" if checked else f" ({terms})")
         super().__init__(
-            f"non-finite loss at training step {step} ({terms}); "
-            "the last good checkpoint is kept: lower the learning rate or check the data"
+            f"non-finite loss {where}; the last good checkpoint is kept: lower the learning rate or check the data"
         )
         self.step = step
 

@@ -15,12 +15,24 @@ from tqdm import tqdm
 
 from dmg.checkpoints import Checkpointer
 from dmg.data.loading import OnDevice
+from dmg.data.seeding import epoch_seed
+from dmg.errors import NonFiniteLossError
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val/acc_mean"
+PROGRESS_EVERY = 25  # steps between updates of the progress bar's running loss (each one reads the device)
 Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvaluationPart:
+    """One evaluated domain: a source's validation split (in-domain) or a target's test split (out-of-domain)."""
+
+    name: str
+    in_domain: bool
+    size: int
 
 
 @dataclass
@@ -28,8 +40,9 @@ class Loaders:
     """Batches ``(x, y, d)`` already on the training device."""
 
     train: OnDevice  # every source domain, shuffled
-    val: dict[str, OnDevice]  # per source domain: in-domain evaluation
-    test: dict[str, OnDevice]  # per target domain: out-of-domain evaluation
+    evaluation: OnDevice  # every part in turn, sources' val then targets' test; no batch straddles two parts
+    parts: list[EvaluationPart]
+    batch_parts: list[int]  # the part of each evaluation batch
 
 
 def fit(
@@ -43,10 +56,10 @@ def fit(
 ) -> list[Metrics]:
     """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics."""
     history = checkpoints.restore(method)
+    loaders.evaluation.set_epoch(seed, 0)  # every epoch evaluates the same images
     for epoch in range(len(history), epochs):
-        epoch_seed = seed * 100_003 + epoch  # batch order, augmentation and mask samples depend on (seed, epoch) only
-        torch.manual_seed(epoch_seed)
-        loaders.train.generator.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed(seed, epoch))  # the step's own randomness (mask samples): (seed, epoch) only
+        loaders.train.set_epoch(seed, epoch)  # batch order and augmentation: (seed, epoch, sample) only
         losses = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress)
         learning_rates = {f"lr/{name}": lr for name, lr in method.learning_rates().items()}  # the ones just used
         method.end_epoch()
@@ -59,39 +72,74 @@ def fit(
 
 
 def train_epoch(method: Method, loader: OnDevice, label: str, progress: bool) -> Metrics:
-    """One pass over the training data; returns the mean of each loss term."""
+    """One pass over the training data; returns the mean of each loss term.
+
+    The loss terms are summed on the device, so the steps never wait for it; the sums are read, and checked
+    for a non-finite loss, at the end of the epoch (and every ``PROGRESS_EVERY`` steps while a progress bar
+    shows them). A non-finite loss ends the run before the epoch's checkpoint is written.
+    """
     method.train()
-    totals: Metrics = {}
+    totals = LossTotals(first_step=method.steps + 1)
     bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for x, y, d in bar:
-        terms = method.update(x, y, d)
+        totals.add(method.update(x, y, d))
+        if not bar.disable and totals.steps % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{totals.means()['loss']:.3f}", refresh=False)
+    return {f"train/{name}": mean for name, mean in totals.means().items()}
+
+
+class LossTotals:
+    """The sums of an epoch's loss terms, on the device, and the first step whose loss was not finite."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # the method's step count at the first step summed
+        self.steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad: torch.Tensor | None = None  # steps counted from 1; 0 while every loss was finite
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-    return {f"train/{name}": total / len(loader) for name, total in totals.items()}
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        bad = ~torch.isfinite(terms["loss"])
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=terms["loss"].device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def means(self) -> Metrics:
+        """The mean of each term so far: one read from the device; raises :class:`NonFiniteLossError`."""
+        if not self.steps:
+            return {}
+        values = torch.stack([value.double() for value in [*self.sums.values(), self.first_bad]]).tolist()
+        means = {name: total / self.steps for name, total in zip(self.sums, values)}
+        if values[-1]:
+            last = self.first_step + self.steps - 1
+            raise NonFiniteLossError(self.first_step + int(values[-1]) - 1, means, (self.first_step, last))
+        return means
 
 
 @torch.no_grad()
 def evaluate(method: Method, loaders: Loaders) -> Metrics:
-    """In-domain accuracy per source (own-domain prediction), out-of-domain accuracy per target, and their means."""
+    """In-domain accuracy per source (own-domain prediction), out-of-domain accuracy per target, and their means.
+
+    One pass over every evaluated domain; the counts of correct predictions stay on the device until the end.
+    """
     method.eval()
-    val = {name: accuracy(method, loader, in_domain=True) for name, loader in loaders.val.items()}
-    test = {name: accuracy(method, loader, in_domain=False) for name, loader in loaders.test.items()}
+    parts = loaders.parts
+    correct = torch.zeros(len(parts), dtype=torch.long, device=loaders.evaluation.device)
+    for part, (x, y, d) in zip(loaders.batch_parts, loaders.evaluation):
+        with method.autocast():
+            scores = method.predict(x, d if parts[part].in_domain else None)
+        correct[part] += (scores.argmax(1) == y).sum()
+    sizes = torch.tensor([max(part.size, 1) for part in parts], dtype=torch.float64)
+    accuracies = (correct.cpu().double() / sizes).tolist()  # one read from the device
+    val = {part.name: value for part, value in zip(parts, accuracies) if part.in_domain}
+    test = {part.name: value for part, value in zip(parts, accuracies) if not part.in_domain}
     metrics = {f"val/acc/{name}": value for name, value in val.items()}
     metrics.update({f"test/acc/{name}": value for name, value in test.items()})
     metrics["val/acc_mean"] = sum(val.values()) / len(val)
     metrics["test/acc_mean"] = sum(test.values()) / len(test)
     return metrics
-
-
-def accuracy(method: Method, loader: OnDevice, in_domain: bool) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=loader.device)
-    total = 0
-    for x, y, d in loader:
-        scores = method.predict(x, d if in_domain else None)
-        correct += (scores.argmax(1) == y).sum()
-        total += len(y)
-    return correct.item() / max(total, 1)
 
 
 def selected_epoch(history: list[Metrics]) -> int:

@@ -3,19 +3,23 @@
 A method is an ``nn.Module`` with ``update(x, y, d)`` (one optimisation step on a batch whose ``d`` holds
 source-domain indices) and ``predict(x, d=None)`` (in-domain with ``d``, the out-of-domain prediction
 without). Subclasses only say what their loss is (``objective``) and how they predict.
+
+``update`` never waits for the device: it returns the loss terms as tensors still on the device, and the
+training loop checks their finiteness once per epoch. So no method code may read a device value on the host
+in ``objective`` (``.item()``, ``.tolist()``, ``bool(tensor)``, ``torch.nonzero``, boolean-mask indexing...).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from dmg.errors import NonFiniteLossError
+from dmg.compute import Precision
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -34,6 +38,23 @@ class Method(nn.Module):
         self._scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.steps = 0
+        self.precision = Precision()
+        self.scaler = self.precision.grad_scaler()
+
+    def configure_compute(self, precision: Precision, compile: bool = False) -> None:
+        """Autocast (and fp16 loss scaling) for ``precision``; ``compile``: ``torch.compile`` the loss and prediction.
+
+        Compiling replaces the bound methods, not the modules: parameter names and checkpoints stay the same.
+        """
+        self.precision = precision
+        self.scaler = precision.grad_scaler()
+        if compile:
+            self.objective = torch.compile(self.objective)
+            self.predict = torch.compile(self.predict)
+
+    def autocast(self) -> AbstractContextManager:
+        """The context forward passes run in (training and evaluation)."""
+        return self.precision.autocast()
 
     def configure_optimizers(self, parameter_groups: dict[str, tuple[OptimizerFactory, Iterable[nn.Parameter]]]):
         """One optimiser per named parameter group; the schedule drives the ``network`` group only, as in the paper's code."""
@@ -49,21 +70,23 @@ class Method(nn.Module):
         """Class scores (B, classes): in-domain with the samples' source domains ``d``, out-of-domain without."""
         raise NotImplementedError
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch; returns the loss terms."""
-        terms = self.objective(x, y, d)
-        values = dict(zip(terms, torch.stack([value.detach() for value in terms.values()]).tolist()))  # one sync
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLossError(self.steps + 1, values)
+    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch; returns the loss terms, detached, fp32, still on the device.
+
+        Nothing here waits for the device (the finiteness of the loss is checked by the training loop).
+        """
+        with self.autocast():
+            terms = self.objective(x, y, d)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.scaler.scale(terms["loss"]).backward()
         for optimizer in self.optimizers.values():
-            optimizer.step()
+            self.scaler.step(optimizer)  # fp16: skipped when the gradients overflowed
+        self.scaler.update()
         self.steps += 1
         if self.scheduler and self.scheduler_interval == "step":
             self.scheduler.step()
-        return values
+        return {name: value.detach().float() for name, value in terms.items()}
 
     def end_epoch(self) -> None:
         if self.scheduler and self.scheduler_interval == "epoch":
@@ -86,6 +109,7 @@ class Method(nn.Module):
             "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "steps": self.steps,
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -94,6 +118,8 @@ class Method(nn.Module):
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
+        if state.get("scaler") and self.scaler.is_enabled():  # an fp16 run's loss scale; other precisions have none
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def init_classifier(layer: nn.Linear, std: float | None) -> None:

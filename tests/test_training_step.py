@@ -1,0 +1,173 @@
+"""The training step: no host syncs, fp32 where it matters under autocast, non-finite losses caught per epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from dmg.compute import Precision, resolve_precision
+from dmg.data.loading import OnDevice, make_loader
+from dmg.errors import NonFiniteLossError, UserError
+from dmg.experiment import build_method
+from dmg.loop import train_epoch
+from tests.conftest import CONF_DIR, compose_config
+
+METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
+DOMAINS = ["a", "b", "c"]
+
+# Tensor methods that copy a device value to the host (and so wait for the device), and torch functions whose
+# output size depends on device values.
+SYNCING_METHODS = ["item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero"]
+SYNCING_FUNCTIONS = ["nonzero", "masked_select", "unique", "equal", "argwhere"]
+
+
+def small_method(name: str, **overrides):
+    cfg = compose_config([f"method={name}", "backbone.network.width=4", *[f"{k}={v}" for k, v in overrides.items()]])
+    torch.manual_seed(0)
+    return build_method(cfg, DOMAINS)
+
+
+def batch(size: int = 6):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 1, 28, 28, generator=generator), torch.arange(size) % 10, torch.arange(size) % 3
+
+
+def host_side_step_counters(method) -> set[int]:
+    """Adam's step counters: CPU tensors by design (non-fused, non-capturable Adam keeps them on the host even
+    when the parameters are on a GPU), so reading them waits for nothing."""
+    ids = set()
+    for optimizer in method.optimizers.values():
+        assert not optimizer.defaults.get("fused") and not optimizer.defaults.get("capturable")
+        ids.update(id(state["step"]) for state in optimizer.state.values() if "step" in state)
+    return ids
+
+
+@contextlib.contextmanager
+def counting_host_syncs(exempt: set[int]):
+    """Records every call that would make the host wait for the device: ``(what, where)``."""
+    calls = []
+    saved_methods = {name: getattr(torch.Tensor, name) for name in SYNCING_METHODS}
+    saved_functions = {name: getattr(torch, name) for name in SYNCING_FUNCTIONS}
+    saved_to, saved_getitem = torch.Tensor.to, torch.Tensor.__getitem__
+
+    def record(what: str):
+        frame = traceback.extract_stack(limit=3)[0]
+        calls.append((what, f"{frame.filename}:{frame.lineno}"))
+
+    def counted_method(name, original):
+        def method(self, *args, **kwargs):
+            if id(self) not in exempt:
+                record(f"Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        return method
+
+    def counted_function(name, original):
+        def function(*args, **kwargs):
+            record(f"torch.{name}")
+            return original(*args, **kwargs)
+
+        return function
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and device.type == "cpu":
+            record("Tensor.to(cpu)")
+        return saved_to(self, *args, **kwargs)
+
+    def getitem(self, index):
+        indices = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            record("boolean-mask indexing")
+        return saved_getitem(self, index)
+
+    for name, original in saved_methods.items():
+        setattr(torch.Tensor, name, counted_method(name, original))
+    for name, original in saved_functions.items():
+        setattr(torch, name, counted_function(name, original))
+    torch.Tensor.to, torch.Tensor.__getitem__ = to, getitem
+    try:
+        yield calls
+    finally:
+        for name, original in saved_methods.items():
+            setattr(torch.Tensor, name, original)
+        for name, original in saved_functions.items():
+            setattr(torch, name, original)
+        torch.Tensor.to, torch.Tensor.__getitem__ = saved_to, saved_getitem
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_update_never_waits_for_the_device(name, precision):
+    method = small_method(name).train()
+    method.configure_compute(Precision(precision, "cpu"))
+    x, y, d = batch()
+    method.update(x, y, d)  # the optimisers create their state
+    with counting_host_syncs(host_side_step_counters(method)) as calls:
+        terms = method.update(x, y, d)
+        method.update(x, y, torch.zeros_like(d))  # a batch from one domain only
+    assert calls == []
+    assert all(value.dtype == torch.float32 and value.dim() == 0 for value in terms.values())
+
+
+def test_the_sync_counter_sees_a_sync():
+    with counting_host_syncs(set()) as calls:
+        torch.ones(3).sum().item()
+        torch.nonzero(torch.ones(3))
+        torch.ones(3)[torch.ones(3) > 0]
+    assert [what for what, _ in calls] == ["Tensor.item", "torch.nonzero", "boolean-mask indexing"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_under_bf16_the_loss_terms_masks_and_penalties_stay_fp32(name):
+    method = small_method(name, **{"method.sparsity_lambda": 0.01} if name == "dmg" else {}).train()
+    with Precision("bf16", "cpu").autocast():
+        terms = method.objective(*batch())
+        probabilities = method.masked.probabilities() if name == "dmg" else {}
+    assert all(value.dtype == torch.float32 for value in terms.values()), {k: v.dtype for k, v in terms.items()}
+    assert all(p.dtype == torch.float32 for p in probabilities.values())
+    if name == "dmg":
+        fp32 = method.objective(*batch())
+        assert terms["overlap"].item() == fp32["overlap"].item()  # no bf16 rounding in the penalties
+        assert terms["sparsity"].item() == fp32["sparsity"].item()
+
+
+def loader_of(x, y, d, batch_size=4):
+    return OnDevice(make_loader(TensorDataset(x, y, d), batch_size, shuffle=False), torch.device("cpu"), torch.nn.Identity())
+
+
+def test_a_non_finite_loss_ends_the_epoch_naming_its_first_step():
+    method = small_method("aggregate")
+    x, y, d = batch(16)
+    x[9] = float("nan")  # third batch of four
+    loader = loader_of(x, y, d)
+    loader.set_epoch(0, 0)
+    train_epoch(method, loader_of(*batch(8)), "epoch 1", progress=False)  # steps 1-2
+    with pytest.raises(NonFiniteLossError, match=r"at training step 5 \(steps 3-6 checked"):
+        train_epoch(method, loader, "epoch 2", progress=False)
+
+
+def test_epoch_means_are_the_means_of_the_steps():
+    method = small_method("dmg")
+    x, y, d = batch(12)
+    torch.manual_seed(3)
+    per_step = [method.update(x[i : i + 4], y[i : i + 4], d[i : i + 4]) for i in range(0, 12, 4)]
+    method = small_method("dmg")
+    torch.manual_seed(3)
+    means = train_epoch(method, loader_of(x, y, d), "epoch", progress=False)
+    for name in per_step[0]:
+        assert means[f"train/{name}"] == pytest.approx(sum(float(s[name]) for s in per_step) / 3, rel=1e-6)
+
+
+def test_precision_names_resolve_per_device():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == Precision("fp32", "cpu")
+    assert resolve_precision("bf16", cpu).autocast().fast_dtype == torch.bfloat16
+    assert resolve_precision("fp16", cpu).grad_scaler().is_enabled()
+    assert not resolve_precision("bf16", cpu).grad_scaler().is_enabled()
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        resolve_precision("fp8", cpu)
