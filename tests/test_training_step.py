@@ -171,3 +171,26 @@ def test_precision_names_resolve_per_device():
     assert not resolve_precision("bf16", cpu).grad_scaler().is_enabled()
     with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         resolve_precision("fp8", cpu)
+
+
+def test_checkpoints_load_across_precisions_and_memory_formats(tmp_path):
+    from dmg.checkpoints import Checkpointer
+
+    x, y, d = batch()
+    trained = small_method("dmg").to(memory_format=torch.channels_last)
+    trained.configure_compute(Precision("bf16", "cpu"))
+    trained.update(x, y, d)
+    Checkpointer(tmp_path / "bf16").save(trained, [{"val/acc_mean": 0.5}], is_best=True)
+    fp16 = small_method("dmg")
+    fp16.configure_compute(Precision("fp16", "cpu"))
+    assert Checkpointer(tmp_path / "bf16").restore(fp16) == [{"val/acc_mean": 0.5}]
+    fp16.update(x, y, d)  # a fresh loss scale: the bf16 run had none
+    Checkpointer(tmp_path / "fp16").save(fp16, [{"val/acc_mean": 0.5}] * 2, is_best=False)
+    fp32 = small_method("dmg")
+    Checkpointer(tmp_path / "fp16").restore(fp32)  # the fp16 loss scale is not needed in fp32
+    assert fp32.steps == 2 and all(torch.equal(a, b) for a, b in zip(fp16.state_dict().values(), fp32.state_dict().values()))
+    Checkpointer(tmp_path / "bf16").load_best(fp32)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fp32.state_dict().values()))
+    trained.eval(), fp32.eval()
+    with torch.no_grad():  # NHWC and NCHW convolutions round differently
+        assert torch.allclose(trained.predict(x.contiguous(memory_format=torch.channels_last)), fp32.predict(x), atol=1e-5)
