@@ -235,8 +235,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: every core)")
-    parser.add_argument("--epochs", type=int, default=3, help="real epochs; the first (worker start, autotuning) is not timed")
-    parser.add_argument("--compute-batches", type=int, default=8, help="device-resident batches the compute-only steps cycle through")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="real epochs; the first (worker start, autotuning) is not timed"
+    )
+    parser.add_argument(
+        "--compute-batches", type=int, default=8, help="device-resident batches the compute-only steps cycle through"
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction)
     parser.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction)

@@ -46,7 +46,9 @@ class NonFiniteLossError(UserError):
 
     def __init__(self, step: int, losses: dict[str, float], checked: tuple[int, int] | None = None):
         terms = ", ".join(f"{name}={value}" for name, value in losses.items())
-        where = f"at training step {step}" + (f" (steps {checked[0]}-{checked[1]} checked, means: {terms})" if checked else f" ({terms})")
+        where = f"at training step {step}" + (
+            f" (steps {checked[0]}-{checked[1]} checked, means: {terms})" if checked else f" ({terms})"
+        )
         super().__init__(
             f"non-finite loss {where}; the last good checkpoint is kept: lower the learning rate or check the data"
         )

@@ -184,11 +184,11 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
     encoded = cfg.dataset.get("decode", "cpu") == "gpu"
 
     def on_device(dataset: Dataset, role: str, batch_size: int, **options) -> OnDevice:
-        loader = make_loader(
-            dataset, batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda", encoded=encoded, **options
-        )
+        workers = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
+        loader = make_loader(dataset, batch_size, encoded=encoded, **workers, **options)
         decoder = EncodedBatchDecoder(build(cfg.dataset.transforms[role], "dataset")) if encoded else None
-        return OnDevice(loader, device, build(cfg.dataset.transforms[f"{role}_batch"], "dataset"), channels_last, decoder)
+        batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], "dataset")
+        return OnDevice(loader, device, batch_transform, channels_last, decoder)
 
     parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
     parts += [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]

@@ -46,7 +46,9 @@ def test_train_bench_runs_real_epochs_from_files_and_reports_every_column(capsys
     out = capsys.readouterr().out
     assert "32px, batch 8, 2 workers" in out
     for method in ["aggregate", "dmg"]:
-        row = re.search(rf"^small_cnn\s+{method}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+([\d.]+)\s+(\d+)\s+n/a$", out, re.M)
+        row = re.search(
+            rf"^small_cnn\s+{method}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+([\d.]+)\s+(\d+)\s+n/a$", out, re.M
+        )
         assert row, out
         end_to_end, compute, ratio, _, evaluation, starts = map(float, row.groups())
         assert end_to_end > 0 and compute > 0 and evaluation > 0

@@ -112,7 +112,9 @@ def test_decoded_pixels_need_no_device_decode(tmp_path):
 def test_an_undecodable_image_is_a_clear_error(tmp_path):
     write_pacs_kfold(tmp_path, PACS, CLASSES, per_class=2, size=40)
     (tmp_path / "kfold/sketch/dog/dog_000.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    with pytest.raises(BadImageError, match="cannot decode image 0 of a batch on the device .*dataset.decode=cpu names"):
+    with pytest.raises(
+        BadImageError, match="cannot decode image 0 of a batch on the device .*dataset.decode=cpu names"
+    ):
         batches(pacs_kfold(tmp_path, "gpu"))
 
 

@@ -137,7 +137,9 @@ def test_under_bf16_the_loss_terms_masks_and_penalties_stay_fp32(name):
 
 
 def loader_of(x, y, d, batch_size=4):
-    return OnDevice(make_loader(TensorDataset(x, y, d), batch_size, shuffle=False), torch.device("cpu"), torch.nn.Identity())
+    return OnDevice(
+        make_loader(TensorDataset(x, y, d), batch_size, shuffle=False), torch.device("cpu"), torch.nn.Identity()
+    )
 
 
 def test_a_non_finite_loss_ends_the_epoch_naming_its_first_step():
@@ -188,9 +190,52 @@ def test_checkpoints_load_across_precisions_and_memory_formats(tmp_path):
     Checkpointer(tmp_path / "fp16").save(fp16, [{"val/acc_mean": 0.5}] * 2, is_best=False)
     fp32 = small_method("dmg")
     Checkpointer(tmp_path / "fp16").restore(fp32)  # the fp16 loss scale is not needed in fp32
-    assert fp32.steps == 2 and all(torch.equal(a, b) for a, b in zip(fp16.state_dict().values(), fp32.state_dict().values()))
+    assert fp32.steps == 2 and all(
+        torch.equal(a, b) for a, b in zip(fp16.state_dict().values(), fp32.state_dict().values())
+    )
     Checkpointer(tmp_path / "bf16").load_best(fp32)
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fp32.state_dict().values()))
     trained.eval(), fp32.eval()
     with torch.no_grad():  # NHWC and NCHW convolutions round differently
-        assert torch.allclose(trained.predict(x.contiguous(memory_format=torch.channels_last)), fp32.predict(x), atol=1e-5)
+        assert torch.allclose(
+            trained.predict(x.contiguous(memory_format=torch.channels_last)), fp32.predict(x), atol=1e-5
+        )
+
+
+@pytest.mark.slow
+def test_compile_true_trains_dmg_and_predicts_as_eager_does():
+    from dmg.experiment import configure_compute
+
+    cfg = compose_config(["method=dmg", "backbone.network.width=4", "compile=true"])
+    torch.manual_seed(0)
+    compiled = build_method(cfg, DOMAINS)
+    assert configure_compute(compiled, cfg, torch.device("cpu")).compile
+    eager = small_method("dmg")
+    before = {key: value.clone() for key, value in compiled.state_dict().items()}
+    x, y, d = batch()
+    compiled.train()
+    terms = [compiled.update(x, y, d) for _ in range(3)]
+    assert all(torch.isfinite(value).all() for step in terms for value in step.values())
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints do not see the compilation
+    after = compiled.state_dict()
+    assert not any(
+        torch.equal(before[key], after[key]) for key in ["masked.masks.fc.logits", "masked.network.stages.fc.weight"]
+    )
+    eager.load_state_dict(compiled.state_dict())
+    compiled.eval(), eager.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled.predict(x, d), eager.predict(x, d), atol=1e-5)
+        assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-5)
+
+
+def test_precision_and_memory_format_are_recorded_with_the_run(quick_config, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dmg.experiment import run
+
+    run(quick_config("epochs=1", "dataset.builder.max_images=600", "precision=bf16"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (record,) = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
+    params, tags = record.data.params, record.data.tags
+    assert (params["precision"], params["channels_last"], params["compile"]) == ("bf16", "True", "False")
+    assert (tags["precision"], tags["channels_last"], tags["compile"]) == ("bf16", "true", "false")
