@@ -42,15 +42,17 @@ class RunInProgress(SetupError):
 
 
 class NonFiniteLossError(UserError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite; the last good checkpoint is kept.
+
+    ``step`` is the first non-finite one; ``checked``, the steps whose losses were read together (an epoch).
+    """
 
     def __init__(self, step: int, losses: dict[str, float], checked: tuple[int, int] | None = None):
         terms = ", ".join(f"{name}={value}" for name, value in losses.items())
-        where = f"at training step {step}" + (
-            f" (steps {checked[0]}-{checked[1]} checked, means: {terms})" if checked else f" ({terms})"
-        )
+        detail = f"steps {checked[0]}-{checked[1]} checked, means: {terms}" if checked else terms
         super().__init__(
-            f"non-finite loss {where}; the last good checkpoint is kept: lower the learning rate or check the data"
+            f"non-finite loss at training step {step} ({detail}); "
+            "the last good checkpoint is kept: lower the learning rate or check the data"
         )
         self.step = step
 
