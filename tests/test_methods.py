@@ -128,3 +128,17 @@ def test_classifier_init_std_sets_a_small_normal_classifier():
     weight = method.network.classifier.weight
     assert weight.std().item() == pytest.approx(0.001, rel=0.1)
     assert torch.count_nonzero(method.network.classifier.bias) == 0
+
+
+def test_multihead_heads_with_batch_norm_see_only_their_own_samples_in_training():
+    torch.manual_seed(0)
+    common = dict(network=backbones.resnet(18, 5), domains=DOMAINS, optimizer=adam)
+    method = MultiHead(**common, split_layer="layer4").train()  # heads: layer4 (with BatchNorm) to fc
+    assert method.heads_normalise_batches
+    x, _, _ = batch("resnet18", 8)
+    d = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0])
+    features = method.trunk(x)
+    logits = method._own_heads(features, d)
+    for k, head in enumerate(method.heads):
+        own = d == k
+        assert torch.allclose(logits[own], head(features[own]), atol=1e-5)  # batch statistics of its own samples
