@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dmg.errors import UserError
+from dmg.errors import BadValue, UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +41,7 @@ class Precision:
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """The precision ``name`` asks for on ``device``; ``auto``: bf16 on a GPU that has it natively, else fp32."""
     if name not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+        raise BadValue("precision", f"one of {', '.join(PRECISIONS)}", name)
     native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if name == "auto":
         name = "bf16" if native_bf16 else "fp32"

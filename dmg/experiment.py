@@ -186,8 +186,10 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
     def on_device(dataset: Dataset, role: str, batch_size: int, **options) -> OnDevice:
         workers = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
         loader = make_loader(dataset, batch_size, encoded=encoded, **workers, **options)
-        decoder = EncodedBatchDecoder(build(cfg.dataset.transforms[role], "dataset")) if encoded else None
-        batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], "dataset")
+        decoder = (
+            EncodedBatchDecoder(build(cfg.dataset.transforms[role], f"dataset.transforms.{role}")) if encoded else None
+        )
+        batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], f"dataset.transforms.{role}_batch")
         return OnDevice(loader, device, batch_transform, channels_last, decoder)
 
     parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]

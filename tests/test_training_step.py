@@ -233,7 +233,7 @@ def test_precision_and_memory_format_are_recorded_with_the_run(quick_config, tmp
 
     from dmg.experiment import run
 
-    run(quick_config("epochs=1", "dataset.builder.max_images=600", "precision=bf16"))
+    run(quick_config("epochs=1", "dataset.max_images=600", "precision=bf16"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (record,) = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
     params, tags = record.data.params, record.data.tags
