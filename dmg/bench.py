@@ -2,6 +2,7 @@
 
     python -m dmg.bench --backbone alexnet --batch-size 64 --domains 3
     python -m dmg.bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
+    python -m dmg.bench train                  # real epochs from files: end to end vs compute only (dmg/bench_train.py)
 
 Methods are built exactly as ``launch.py`` builds them, from the same configs.
 """
@@ -20,6 +21,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
+from dmg import bench_train
 from dmg.data import throughput
 from dmg.experiment import build_method, resolve_device
 from dmg.methods.base import Method
@@ -114,7 +116,7 @@ def bench_methods(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """``methods`` (the default command) or ``loader``."""
+    """``methods`` (the default command), ``loader`` or ``train``."""
     parser = argparse.ArgumentParser(prog="python -m dmg.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers()
     methods = commands.add_parser("methods", help="train/eval images per second of every method (the default)")
@@ -130,6 +132,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     methods.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
     methods.set_defaults(func=bench_methods)
     throughput.add_parser(commands)
+    bench_train.add_parser(commands)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["methods", *argv]
     return parser.parse_args(argv)

@@ -42,12 +42,16 @@ class RunInProgress(SetupError):
 
 
 class NonFiniteLossError(UserError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite; the last good checkpoint is kept.
 
-    def __init__(self, step: int, losses: dict[str, float]):
+    ``step`` is the first non-finite one; ``checked``, the steps whose losses were read together (an epoch).
+    """
+
+    def __init__(self, step: int, losses: dict[str, float], checked: tuple[int, int] | None = None):
         terms = ", ".join(f"{name}={value}" for name, value in losses.items())
+        detail = f"steps {checked[0]}-{checked[1]} checked, means: {terms}" if checked else terms
         super().__init__(
-            f"non-finite loss at training step {step} ({terms}); "
+            f"non-finite loss at training step {step} ({detail}); "
             "the last good checkpoint is kept: lower the learning rate or check the data"
         )
         self.step = step

@@ -19,10 +19,13 @@ from torch.utils.data import Dataset
 from dmg.averaging import NoAveraging
 from dmg.callbacks import sweep_tags
 from dmg.checkpoints import Checkpointer
+from dmg.compute import Compute, is_convolutional, resolve_precision
 from dmg.data import DomainSplits, choose_domains
-from dmg.data.loading import OnDevice, make_loader
+from dmg.data.decode import EncodedBatchDecoder
+from dmg.data.loading import OnDevice, PartBatches, concatenate, make_loader
+from dmg.data.sampling import BATCH_SAMPLERS
 from dmg.errors import BadValue, Terminated, UserError
-from dmg.loop import Loaders, finish_average, fit
+from dmg.loop import EvaluationPart, Loaders, finish_average, fit
 from dmg.methods.base import Method
 from dmg.models.staged import InputTooSmall, StagedNetwork
 from dmg.settings import check_settings
@@ -52,23 +55,32 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     averaging = build_averaging(cfg)
-    loaders = build_loaders(splits, cfg, device)
+    compute = configure_compute(method, cfg, device)
+    loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
-        summary = train_and_track(cfg, method, averaging, loaders, splits)
+        summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags())
     title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
     print_summary(summary, sources, targets, title)
     return summary[cfg.optimized_metric]
 
 
 def train_and_track(
-    cfg: DictConfig, method: Method, averaging: NoAveraging, loaders: Loaders, splits: DomainSplits
+    cfg: DictConfig,
+    method: Method,
+    averaging: NoAveraging,
+    loaders: Loaders,
+    splits: DomainSplits,
+    compute_tags: dict[str, str],
 ) -> dict:
     """Train in the MLflow run of this config (continued if it was interrupted); returns the run's summary.
+
+    ``compute_tags``: the resolved precision, memory format and compilation, recorded as tags of a new run.
 
     However the process stops, the run does not stay RUNNING: Ctrl-C and SIGTERM mark it KILLED, any error FAILED,
     and rerunning the command continues it from its last checkpoint.
     """
-    tracker = Tracker.start(cfg, run_tags(cfg, splits.targets), Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
+    tags = run_tags(cfg, splits.targets) | compute_tags
+    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
     log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting",
              tracker.run_id, splits.sources, splits.targets)  # fmt: skip
     checkpoints = Checkpointer(tracker.directory)
@@ -174,21 +186,49 @@ def check_input_size(network: StagedNetwork, cfg: DictConfig) -> None:
         ) from None
 
 
-def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device) -> Loaders:
-    """Loaders of every split, delivering batches on ``device`` through the dataset's batch transforms."""
-    train_batch = build(cfg.dataset.transforms.train_batch, "dataset.transforms.train_batch")
-    eval_batch = build(cfg.dataset.transforms.eval_batch, "dataset.transforms.eval_batch")
+def configure_compute(method: Method, cfg: DictConfig, device: torch.device) -> Compute:
+    """Precision, memory format and compilation of ``method`` (already on ``device``) from the top-level keys."""
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = bool(cfg.channels_last) and is_convolutional(method)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    method.configure_compute(precision, compile=bool(cfg.compile))
+    return Compute(precision, channels_last, bool(cfg.compile))
 
-    def evaluation(dataset: Dataset) -> OnDevice:
-        return OnDevice(make_loader(dataset, cfg.eval_batch_size, False, cfg.num_workers), device, eval_batch)
 
-    train = make_loader(
-        splits.train, cfg.batch_size, True, cfg.num_workers, drop_last=cfg.drop_last, sampler=cfg.sampler
-    )
+def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Loaders:
+    """The training loader and one evaluation loader over every evaluated domain, batches on ``device``.
+
+    Batches pass through the dataset's batch transforms there; with ``dataset.decode=gpu`` they are decoded
+    there first, each image through the dataset's per-image transform.
+    """
+    encoded = cfg.dataset.get("decode", "cpu") == "gpu"
+
+    def on_device(dataset: Dataset, role: str, batch_size: int, **options) -> OnDevice:
+        workers = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
+        loader = make_loader(dataset, batch_size, encoded=encoded, **workers, **options)
+        decoder = (
+            EncodedBatchDecoder(build(cfg.dataset.transforms[role], f"dataset.transforms.{role}")) if encoded else None
+        )
+        batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], f"dataset.transforms.{role}_batch")
+        return OnDevice(loader, device, batch_transform, channels_last, decoder)
+
+    parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
+    parts += [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]
+    batches = PartBatches([part.size for part in parts], cfg.eval_batch_size)
+    evaluation = concatenate([*splits.val.values(), *splits.test.values()])
     return Loaders(
-        train=OnDevice(train, device, train_batch),
-        val={name: evaluation(dataset) for name, dataset in splits.val.items()},
-        test={name: evaluation(dataset) for name, dataset in splits.test.items()},
+        train=on_device(
+            splits.train,
+            "train",
+            cfg.batch_size,
+            shuffle=True,
+            drop_last=cfg.drop_last,
+            batch_sampler=BATCH_SAMPLERS[cfg.sampler],
+        ),
+        evaluation=on_device(evaluation, "eval", cfg.eval_batch_size, shuffle=False, batch_sampler=lambda **_: batches),
+        parts=parts,
+        batch_parts=batches.owners,
     )
 
 

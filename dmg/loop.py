@@ -20,12 +20,24 @@ from tqdm import tqdm
 from dmg.averaging import NoAveraging
 from dmg.checkpoints import Checkpointer
 from dmg.data.loading import OnDevice
+from dmg.data.seeding import epoch_seed
+from dmg.errors import NonFiniteLossError
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val/acc_mean"
+PROGRESS_EVERY = 25  # steps between updates of the progress bar's running loss (each one reads the device)
 Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvaluationPart:
+    """One evaluated domain: a source's validation split (in-domain) or a target's test split (out-of-domain)."""
+
+    name: str
+    in_domain: bool
+    size: int
 
 
 @dataclass
@@ -33,8 +45,9 @@ class Loaders:
     """Batches ``(x, y, d)`` already on the training device."""
 
     train: OnDevice  # every source domain, shuffled
-    val: dict[str, OnDevice]  # per source domain: in-domain evaluation
-    test: dict[str, OnDevice]  # per target domain: out-of-domain evaluation
+    evaluation: OnDevice  # every part in turn, sources' val then targets' test; no batch straddles two parts
+    parts: list[EvaluationPart]
+    batch_parts: list[int]  # the part of each evaluation batch
 
 
 def fit(
@@ -55,8 +68,9 @@ def fit(
     history = checkpoints.restore(method, averaging)
     if history:
         log.info("resuming after epoch %d of %d", len(history), epochs)
+    loaders.evaluation.set_epoch(seed, 0)  # every epoch evaluates the same images
     for epoch in range(len(history), epochs):
-        reseed(loaders.train, seed, epoch)
+        start_epoch(loaders.train, seed, epoch)
         losses = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress, averaging)
         learning_rates = {f"lr/{name}": lr for name, lr in method.learning_rates().items()}  # the ones just used
         method.end_epoch()
@@ -69,37 +83,87 @@ def fit(
     return history
 
 
-def reseed(train: OnDevice, seed: int, epoch: int) -> None:
-    """Batch order, augmentation and random draws of an epoch depend on (seed, epoch) only."""
-    epoch_seed = seed * 100_003 + epoch
-    torch.manual_seed(epoch_seed)
-    train.generator.manual_seed(epoch_seed)
+def start_epoch(train: OnDevice, seed: int, epoch: int) -> None:
+    """Batch order and augmentation ((seed, epoch, sample)) and the steps' own random draws (DMG's mask samples,
+    (seed, epoch)) of an epoch depend on the seed and epoch only."""
+    torch.manual_seed(epoch_seed(seed, epoch))
+    train.set_epoch(seed, epoch)
 
 
 def train_epoch(
     method: Method, loader: OnDevice, label: str, progress: bool, averaging: NoAveraging | None = None
 ) -> Metrics:
-    """One pass over the training data; returns the mean of each loss term."""
+    """One pass over the training data; returns the mean of each loss term.
+
+    The loss terms are summed on the device, so the steps never wait for it; the sums are read, and checked
+    for a non-finite loss, at the end of the epoch (and every ``PROGRESS_EVERY`` steps while a progress bar
+    shows them). A non-finite loss ends the run before the epoch's checkpoint is written.
+    """
     method.train()
     averaging = averaging or NoAveraging()
-    totals: Metrics = {}
+    totals = LossTotals(first_step=method.steps + 1)
     bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
     for x, y, d in bar:
-        terms = method.update(x, y, d)
+        totals.add(method.update(x, y, d))
         averaging.after_step(method)
+        if not bar.disable and totals.steps % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{totals.means()['loss']:.3f}", refresh=False)
+    return {f"train/{name}": mean for name, mean in totals.means().items()}
+
+
+class LossTotals:
+    """The sums of an epoch's loss terms, on the device, and the first step whose loss was not finite."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # the method's step count at the first step summed
+        self.steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad: torch.Tensor | None = None  # steps counted from 1; 0 while every loss was finite
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-    return {f"train/{name}": total / len(loader) for name, total in totals.items()}
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        bad = ~torch.isfinite(terms["loss"])
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=terms["loss"].device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def means(self) -> Metrics:
+        """The mean of each term so far: one read from the device; raises :class:`NonFiniteLossError`."""
+        if not self.steps:
+            return {}
+        values = torch.stack([value.double() for value in [*self.sums.values(), self.first_bad]]).tolist()
+        means = {name: total / self.steps for name, total in zip(self.sums, values)}
+        if values[-1]:
+            last = self.first_step + self.steps - 1
+            raise NonFiniteLossError(self.first_step + int(values[-1]) - 1, means, (self.first_step, last))
+        return means
 
 
 @torch.no_grad()
 def evaluate(method: Method, loaders: Loaders) -> Metrics:
     """In-domain accuracy and cross-entropy per source (own-domain prediction), out-of-domain accuracy per target,
-    and their means."""
+    and their means.
+
+    One pass over every evaluated domain; the sums stay on the device until the end.
+    """
     method.eval()
-    val = {name: accuracy_and_loss(method, loader, in_domain=True) for name, loader in loaders.val.items()}
-    test = {name: accuracy_and_loss(method, loader, in_domain=False)[0] for name, loader in loaders.test.items()}
+    parts = loaders.parts
+    device = loaders.evaluation.device
+    correct = torch.zeros(len(parts), dtype=torch.long, device=device)
+    losses = torch.zeros(len(parts), device=device)
+    for part, (x, y, d) in zip(loaders.batch_parts, loaders.evaluation):
+        with method.autocast():
+            scores = method.predict(x, d if parts[part].in_domain else None)
+        correct[part] += (scores.argmax(1) == y).sum()
+        losses[part] += F.cross_entropy(scores.float(), y, reduction="sum")  # meaningful for logits only
+    sizes = torch.tensor([max(part.size, 1) for part in parts], dtype=torch.float64)
+    accuracies, mean_losses = (
+        torch.stack([correct.cpu().double(), losses.cpu().double()]) / sizes
+    ).tolist()  # one read
+    val = {p.name: (acc, loss) for p, acc, loss in zip(parts, accuracies, mean_losses) if p.in_domain}
+    test = {p.name: acc for p, acc in zip(parts, accuracies) if not p.in_domain}
     metrics = {f"val/acc/{name}": value for name, (value, _) in val.items()}
     metrics.update({f"val/loss/{name}": loss for name, (_, loss) in val.items()})
     metrics.update({f"test/acc/{name}": value for name, value in test.items()})
@@ -107,19 +171,6 @@ def evaluate(method: Method, loaders: Loaders) -> Metrics:
     metrics["val/loss_mean"] = sum(loss for _, loss in val.values()) / len(val)
     metrics["test/acc_mean"] = sum(test.values()) / len(test)
     return metrics
-
-
-def accuracy_and_loss(method: Method, loader: OnDevice, in_domain: bool) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the predictions (the loss is meaningful for logits only)."""
-    correct = torch.zeros((), dtype=torch.long, device=loader.device)
-    loss = torch.zeros((), device=loader.device)
-    total = 0
-    for x, y, d in loader:
-        scores = method.predict(x, d if in_domain else None)
-        correct += (scores.argmax(1) == y).sum()
-        loss += F.cross_entropy(scores, y, reduction="sum")
-        total += len(y)
-    return correct.item() / max(total, 1), loss.item() / max(total, 1)
 
 
 def finish_average(
@@ -133,7 +184,7 @@ def finish_average(
     with torch.no_grad():
         for parameter, averaged in zip(method.parameters(), weights):
             parameter.copy_(averaged)
-    reseed(loaders.train, seed, epochs)  # the batches of the epoch after the last
+    start_epoch(loaders.train, seed, epochs)  # the batches of the epoch after the last
     recompute_batch_norm(method, loaders.train, averaging.bn_batches)
     metrics = {**evaluate(method, loaders), **method.epoch_metrics(), **averaging.summary()}
     checkpoints.save_best(method, epochs - 1)
@@ -153,7 +204,8 @@ def recompute_batch_norm(method: Method, loader: OnDevice, batches: int) -> None
         norm.momentum = None  # a cumulative average
     method.train()
     for x, _, d in itertools.islice(_forever(loader), batches):
-        method.predict(x, d)
+        with method.autocast():
+            method.predict(x, d)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
 

@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dmg.compute import PRECISIONS
 from dmg.data.sampling import SAMPLERS
 from dmg.errors import BadValue, SetupError, UserError, check_count
 from dmg.stores import check_store_uri
@@ -27,7 +28,12 @@ from dmg.stores import check_store_uri
 RESUME_MODES = ("auto", "skip_finished", "never")
 KEEP_CHECKPOINTS = ("selected", "all", "none")
 COUNTS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "num_workers": 0}
-CHOICES = {"resume": RESUME_MODES, "keep_checkpoints": KEEP_CHECKPOINTS, "sampler": SAMPLERS}
+CHOICES = {
+    "resume": RESUME_MODES,
+    "keep_checkpoints": KEEP_CHECKPOINTS,
+    "sampler": SAMPLERS,
+    "precision": PRECISIONS,
+}
 
 
 def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str = "config") -> None:

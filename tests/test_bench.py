@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from dmg.bench import main
 
 
@@ -33,3 +35,22 @@ def test_bench_reports_every_method_and_the_dmg_ratios(capsys):
     ratios = dict(re.findall(r"^  (train step|in-domain eval|out-of-domain eval)\s+([\d.]+)$", out, re.M))
     assert set(ratios) == {"train step", "in-domain eval", "out-of-domain eval"}
     assert all(float(value) > 0 for value in ratios.values())
+
+
+def test_train_bench_runs_real_epochs_from_files_and_reports_every_column(capsys):
+    """The CI setting: a tiny generated PACS-shaped folder, small images, two persistent workers."""
+    argv = ["train", "--backbones", "small_cnn", "--methods", "aggregate", "dmg", "--image-size", "32"]
+    argv += ["--images-per-domain", "21", "--batch-size", "8", "--eval-batch-size", "16", "--workers", "2"]
+    argv += ["--epochs", "2", "--compute-batches", "2", "--device", "cpu"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "32px, batch 8, 2 workers" in out
+    for method in ["aggregate", "dmg"]:
+        row = re.search(
+            rf"^small_cnn\s+{method}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+([\d.]+)\s+(\d+)\s+n/a$", out, re.M
+        )
+        assert row, out
+        end_to_end, compute, ratio, _, evaluation, starts = map(float, row.groups())
+        assert end_to_end > 0 and compute > 0 and evaluation > 0
+        assert ratio == pytest.approx(end_to_end / compute, abs=0.01)
+        assert starts == 0  # the workers of the first epoch serve every later one

@@ -206,14 +206,14 @@ def test_one_epoch_end_to_end(tmp_path, hdf5_root, fmt):
 
 
 def test_augmented_batches_with_workers_depend_only_on_the_epoch_seed(hdf5_root):
-    """What makes a resumed run match: reseeding the loader's generator replays an epoch's crops exactly."""
+    """What makes a resumed run match: setting the loader's (seed, epoch) replays an epoch's crops exactly."""
     from dmg.data.loading import make_loader
 
     train = builder(hdf5_root, "dataset.image_size=24").build(DOMAINS[:3], DOMAINS[3:]).train
     loader = make_loader(train, batch_size=8, shuffle=True, num_workers=2)
 
     def epoch(seed):
-        loader.generator.manual_seed(seed)
+        loader.set_epoch(seed, 0)
         return [x for x, _, _ in loader]
 
     first, other, again = epoch(7), epoch(8), epoch(7)

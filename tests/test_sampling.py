@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from torch.utils.data import TensorDataset
 
 from dmg.data.loading import make_loader
-from dmg.data.sampling import BalancedBatches, domain_labels
+from dmg.data.sampling import BalancedBatches, balanced_batches, domain_labels
 from dmg.data.synthetic import write_image_tree
 from dmg.errors import UserError
 from dmg.experiment import run
@@ -66,8 +66,8 @@ def test_batch_smaller_than_the_number_of_domains_is_refused():
 def test_loader_of_a_tensor_dataset_yields_balanced_batches_whole():
     d = domains()
     data = TensorDataset(torch.arange(len(d)).float()[:, None], torch.zeros(len(d), dtype=torch.long), d)
-    loader = make_loader(data, 6, True, sampler="balanced")
-    loader.generator.manual_seed(0)
+    loader = make_loader(data, 6, True, batch_sampler=balanced_batches)
+    loader.set_epoch(0, 0)
     for x, _, batch_domains in loader:
         assert torch.equal(torch.bincount(batch_domains, minlength=3), torch.tensor([2, 2, 2]))
         assert torch.equal(d[x.squeeze(1).long()], batch_domains)
@@ -75,13 +75,20 @@ def test_loader_of_a_tensor_dataset_yields_balanced_batches_whole():
 
 def test_domains_of_file_datasets_are_read_without_images(tmp_path):
     write_image_tree(tmp_path / "data", ["p", "q"], ["cat", "dog"], per_class=4, size=8)
-    cfg = compose_config(["dataset=imagefolder", f"dataset.root={tmp_path}/data", "dataset.num_classes=2", "target=q",
-                          "dataset.image_size=8"])
+    cfg = compose_config(
+        [
+            "dataset=imagefolder",
+            f"dataset.root={tmp_path}/data",
+            "dataset.num_classes=2",
+            "target=q",
+            "dataset.image_size=8",
+        ]
+    )
     splits = instantiate(cfg.dataset.builder).build(["p"], ["q"])
     labels = domain_labels(splits.train)
     assert torch.equal(labels, torch.zeros(len(splits.train), dtype=torch.long))
-    loader = make_loader(splits.train, 2, True, sampler="balanced")
-    loader.generator.manual_seed(0)
+    loader = make_loader(splits.train, 2, True, batch_sampler=balanced_batches)
+    loader.set_epoch(0, 0)
     assert sum(len(y) for _, y, _ in loader) == len(splits.train) + len(splits.train) % 2
 
 

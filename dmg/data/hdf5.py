@@ -20,7 +20,7 @@ from PIL import Image
 
 from dmg.data.images import BadImageError, DecodedImages, Transform
 from dmg.data.lists import shift_labels
-from dmg.data.per_domain import PerDomainData, check_roles, fill
+from dmg.data.per_domain import PerDomainData, check_decode, check_roles, fill
 from dmg.errors import UserError
 
 
@@ -51,20 +51,30 @@ class HDF5Images(DecodedImages):
         transform: Transform,
         encoding: str,
         skip_bad_images: bool = False,
+        encoded: bool = False,
     ):
-        super().__init__(labels, domain, transform, skip_bad_images)
+        super().__init__(labels, domain, transform, skip_bad_images, encoded)
         self.path = str(path)
         self.decode = DECODERS[encoding]
         self._images: h5py.Dataset | None = None
         self._pid: int | None = None
 
     def read(self, index: int) -> Image.Image:
-        if self._images is None or self._pid != os.getpid():
-            self._images, self._pid = h5py.File(self.path, "r")["images"], os.getpid()
         try:
-            return self.decode(self._images[index])
+            return self.decode(self._stored(index))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise BadImageError(f"cannot decode image {index} of {self.path}: {error}") from None
+
+    def read_encoded(self, index: int) -> torch.Tensor:
+        try:
+            return torch.from_numpy(self._stored(index))
+        except OSError as error:
+            raise BadImageError(f"cannot read image {index} of {self.path}: {error}") from None
+
+    def _stored(self, index: int) -> np.ndarray:
+        if self._images is None or self._pid != os.getpid():
+            self._images, self._pid = h5py.File(self.path, "r")["images"], os.getpid()
+        return self._images[index]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None, "_pid": None}
@@ -99,7 +109,10 @@ def _check_layout(path: Path, images: h5py.Dataset, encoding: str) -> None:
 
 
 class HDF5Files(PerDomainData):
-    """One HDF5 file per (domain, role), named by ``files[role]`` with a ``{domain}`` placeholder."""
+    """One HDF5 file per (domain, role), named by ``files[role]`` with a ``{domain}`` placeholder.
+
+    ``decode``: ``cpu`` (in the loader's workers) or ``gpu`` (encoded files only: the workers read the bytes).
+    """
 
     def __init__(
         self,
@@ -111,11 +124,13 @@ class HDF5Files(PerDomainData):
         encoding: str = "rgb",
         first_label: int = 0,
         skip_bad_images: bool = False,
+        decode: str = "cpu",
         hint: str = "",
     ):
         super().__init__(num_classes, hint)
         self.domains = list(domains)
         self.files = check_roles(files)
+        self.encoded = check_decode(decode)
         self.transforms = {"train": train_transform, "val": eval_transform, "test": eval_transform}
         self.encoding = encoding
         self.first_label = first_label
@@ -130,4 +145,11 @@ class HDF5Files(PerDomainData):
         if len(raw_labels) == 0:
             raise UserError(f"{path} holds no images: domain {domain} has no {role} data")
         labels = shift_labels(raw_labels, self.first_label, self.num_classes, str(path))
-        return HDF5Images(path, labels, domain_index, self.transforms[role], encoding, self.skip_bad_images)
+        if self.encoded and encoding != "encoded":
+            raise UserError(
+                f"dataset.decode=gpu needs encoded images, but {path} stores decoded {encoding} pixels: "
+                "use dataset.decode=cpu, or pack the images with --pack encoded"
+            )
+        return HDF5Images(
+            path, labels, domain_index, self.transforms[role], encoding, self.skip_bad_images, self.encoded
+        )

@@ -17,7 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from dmg.data.domains import split_indices
 from dmg.data.images import ImageFiles, Transform
-from dmg.data.per_domain import PerDomainData
+from dmg.data.per_domain import PerDomainData, check_decode
 from dmg.errors import UserError
 
 Samples = tuple[list[str], torch.Tensor]
@@ -27,7 +27,8 @@ class ImageFolderDomains(PerDomainData):
     """One folder per domain, one subfolder per class; class folders must be the same in every domain.
 
     ``domains``: a list of folder names, a ``{name: folder}`` mapping (for folders such as ``Real World``),
-    or null to take every subfolder of ``root`` in sorted order.
+    or null to take every subfolder of ``root`` in sorted order. ``decode``: ``cpu`` (in the loader's
+    workers) or ``gpu`` (the workers only read the files' bytes).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class ImageFolderDomains(PerDomainData):
         holdout_fraction: float = 0.2,
         split_seed: int = 0,
         skip_bad_images: bool = False,
+        decode: str = "cpu",
         hint: str = "",
     ):
         self.root = Path(os.path.expanduser(root))
@@ -51,6 +53,7 @@ class ImageFolderDomains(PerDomainData):
         self.holdout_fraction = holdout_fraction
         self.split_seed = split_seed
         self.skip_bad_images = skip_bad_images
+        self.encoded = check_decode(decode)
 
     @cached_property
     def folders(self) -> dict[str, Path]:
@@ -98,7 +101,7 @@ class ImageFolderDomains(PerDomainData):
             )
         keep = torch.arange(len(paths)) if role == "test" else self.holdout(domain, len(paths))[role == "val"]
         chosen = [paths[index] for index in keep.tolist()]
-        return ImageFiles(chosen, labels[keep], domain_index, self.transforms[role], self.skip_bad_images)
+        return ImageFiles(chosen, labels[keep], domain_index, self.transforms[role], self.skip_bad_images, self.encoded)
 
     def holdout(self, domain: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(train, val)`` indices of a domain: a function of ``split_seed`` and the domain's name only."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dmg.data.images import ImageFiles, Transform
 from dmg.data.lists import read_split_list, shift_labels
-from dmg.data.per_domain import PerDomainData, check_roles, fill
+from dmg.data.per_domain import PerDomainData, check_decode, check_roles, fill
 from dmg.errors import UserError
 
 
@@ -16,6 +16,7 @@ class ListedImages(PerDomainData):
     """Images under ``images_root`` named by one list file per (domain, role) (``files[role]``, with ``{domain}``).
 
     List lines read ``domain/class/file label``; labels start at ``first_label`` (PACS 1, DomainNet 0).
+    ``decode``: ``cpu`` (in the loader's workers) or ``gpu`` (the workers only read the files' bytes).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class ListedImages(PerDomainData):
         eval_transform: Transform,
         first_label: int = 0,
         skip_bad_images: bool = False,
+        decode: str = "cpu",
         hint: str = "",
     ):
         super().__init__(num_classes, hint)
@@ -37,6 +39,7 @@ class ListedImages(PerDomainData):
         self.transforms = {"train": train_transform, "val": eval_transform, "test": eval_transform}
         self.first_label = first_label
         self.skip_bad_images = skip_bad_images
+        self.encoded = check_decode(decode)
 
     def required_files(self, domains: Mapping[str, Sequence[str]]) -> list[Path]:
         lists = [fill(self.files[role], name) for name, roles in domains.items() for role in roles]
@@ -49,4 +52,4 @@ class ListedImages(PerDomainData):
             raise UserError(f"split file {path} lists no images: domain {domain} has no {role} data")
         labels = shift_labels(raw_labels, self.first_label, self.num_classes, str(path))
         paths = [str(self.images_root / name) for name in names]
-        return ImageFiles(paths, labels, domain_index, self.transforms[role], self.skip_bad_images)
+        return ImageFiles(paths, labels, domain_index, self.transforms[role], self.skip_bad_images, self.encoded)

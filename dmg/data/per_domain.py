@@ -17,6 +17,7 @@ from dmg.data.domains import TARGET_DOMAIN_INDEX, DomainSplits
 from dmg.errors import UserError
 
 ROLES = ("train", "val", "test")
+DECODE_MODES = ("cpu", "gpu")
 
 
 class PerDomainData:
@@ -66,6 +67,13 @@ def check_roles(files: Mapping[str, str]) -> dict[str, str]:
     if set(files) != set(ROLES):
         raise UserError(f"split files must be given for the roles {', '.join(ROLES)}, got {', '.join(files)}")
     return dict(files)
+
+
+def check_decode(decode: str) -> bool:
+    """Whether images stay encoded until the device decodes them (``dataset.decode=gpu``)."""
+    if decode not in DECODE_MODES:
+        raise UserError(f"dataset.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return decode == "gpu"
 
 
 def choose(format: str, **formats: Callable[[], PerDomainData]) -> PerDomainData:

@@ -17,8 +17,6 @@ from torch.utils.data import ConcatDataset, Dataset, Sampler, TensorDataset
 
 from dmg.errors import UserError
 
-SAMPLERS = ("shuffled", "balanced")
-
 
 def domain_labels(dataset: Dataset) -> torch.Tensor:
     """The source-domain index of every sample, read without loading any image: (N,) long."""
@@ -67,3 +65,12 @@ class BalancedBatches(Sampler[list[int]]):
         order = torch.argsort(torch.cat(batch_of), stable=True)  # batch-major, domain-major within a batch
         for batch in torch.cat(index)[order].split(counts.sum(1).tolist()):
             yield batch.tolist()
+
+
+def balanced_batches(dataset: Dataset, batch_size: int, drop_last: bool, generator: torch.Generator) -> BalancedBatches:
+    """``sampler=balanced`` as a loader's batch sampler factory."""
+    return BalancedBatches(domain_labels(dataset), batch_size, generator, drop_last)
+
+
+BATCH_SAMPLERS = {"shuffled": None, "balanced": balanced_batches}  # None: the loader's own shuffled batches
+SAMPLERS = tuple(BATCH_SAMPLERS)

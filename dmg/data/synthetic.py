@@ -43,8 +43,13 @@ def write_image_tree(
     size: int = 16,
     seed: int = 0,
     suffix: str = ".jpg",
+    detail: int | None = None,
 ) -> dict[str, list[tuple[str, int]]]:
-    """Images at ``root/{domain}/{class}/{class}_{i}{suffix}``; returns per domain ``(relative path, class index)``."""
+    """Images at ``root/{domain}/{class}/{class}_{i}{suffix}``; returns per domain ``(relative path, class index)``.
+
+    Pixels are uniform noise, or with ``detail`` a ``detail`` x ``detail`` random image smoothly upsampled
+    (files and decoding costs closer to photos').
+    """
     rng = np.random.default_rng(seed)
     entries: dict[str, list[tuple[str, int]]] = {}
     for domain in domains:
@@ -53,9 +58,16 @@ def write_image_tree(
             (root / domain / name).mkdir(parents=True, exist_ok=True)
             for index in range(per_class):
                 relative = f"{domain}/{name}/{name}_{index:03d}{suffix}"
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / relative)
+                _random_image(rng, size, detail).save(root / relative)
                 entries[domain].append((relative, label))
     return entries
+
+
+def _random_image(rng: np.random.Generator, size: int, detail: int | None) -> Image.Image:
+    if detail is None:
+        return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    coarse = Image.fromarray(rng.integers(0, 256, (detail, detail, 3), dtype=np.uint8))
+    return coarse.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def write_list(path: Path, entries: Sequence[tuple[str, int]], first_label: int = 0) -> None:
@@ -65,13 +77,18 @@ def write_list(path: Path, entries: Sequence[tuple[str, int]], first_label: int 
 
 
 def write_pacs_kfold(
-    root: Path, domains: Sequence[str], classes: Sequence[str], per_class: int = 3, size: int = 16
+    root: Path,
+    domains: Sequence[str],
+    classes: Sequence[str],
+    per_class: int = 3,
+    size: int = 16,
+    detail: int | None = None,
 ) -> None:
     """PACS's official images ``root/kfold/{domain}/{class}/*`` and lists ``{domain}_{train,crossval,test}_kfold.txt``.
 
     Per class, the first image goes to crossval and the rest to train; test lists the whole domain (labels 1..7).
     """
-    entries = write_image_tree(root / "kfold", domains, classes, per_class, size)
+    entries = write_image_tree(root / "kfold", domains, classes, per_class, size, detail=detail)
     for domain, items in entries.items():
         val = items[::per_class]
         write_list(root / f"{domain}_crossval_kfold.txt", val, 1)

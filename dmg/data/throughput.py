@@ -15,16 +15,15 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader
 
 from dmg.data import choose_domains
-from dmg.data.loading import make_loader
+from dmg.data.loading import EpochLoader, make_loader
 from dmg.data.synthetic import write_pacs_hdf5
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def images_per_second(loader: DataLoader, batches: int, warmup: int = 2) -> float:
+def images_per_second(loader: EpochLoader, batches: int, warmup: int = 2) -> float:
     """Images per second over ``batches`` batches, after ``warmup`` batches (worker start-up excluded)."""
     iterator, seen = iter(loader), 0
     for _ in range(warmup):
@@ -35,7 +34,7 @@ def images_per_second(loader: DataLoader, batches: int, warmup: int = 2) -> floa
     return seen / (time.perf_counter() - start)
 
 
-def train_loader(dataset: str, root: str, num_workers: int, batch_size: int, overrides: list[str]) -> DataLoader:
+def train_loader(dataset: str, root: str, num_workers: int, batch_size: int, overrides: list[str]) -> EpochLoader:
     """The training loader a run of ``dataset`` (read from ``root``) would use."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"dataset={dataset}", f"dataset.root={root}", *overrides])

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dmg.compute import in_fp32
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
@@ -37,7 +38,7 @@ class FeatureAlignment(Aggregate):
         self.penalty_weight = penalty_weight
 
     def distances(self, features: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """(domains, domains) distances between the feature distributions of every pair of domains."""
+        """(domains, domains) distances between the feature distributions of every pair of domains (in fp32)."""
         raise NotImplementedError
 
     def objective(self, x, y, d):
@@ -54,6 +55,7 @@ class CORAL(FeatureAlignment):
 
     min_samples = 2  # a covariance needs two samples
 
+    @in_fp32
     def distances(self, features, d):
         n = by_domain.counts(d, self.num_domains)
         mean = by_domain.means(features, d, self.num_domains)  # (D, F)
@@ -75,6 +77,7 @@ class MMD(FeatureAlignment):
             check_number("kernel_gammas", gamma, above=0)
         self.kernel_gammas = [float(gamma) for gamma in kernel_gammas]
 
+    @in_fp32
     def distances(self, features, d):
         squared = features.pow(2).sum(1, keepdim=True)  # (B, 1)
         distance = (squared.T - 2 * features @ features.T + squared).clamp_min(1e-30)  # (B, B), as DomainBed

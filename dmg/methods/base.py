@@ -5,19 +5,24 @@ source-domain indices) and ``predict(x, d=None)`` (in-domain with ``d``, the out
 without). Subclasses only say what their loss is (``objective``) and how they predict; the few methods whose
 step is not "every optimiser minimises ``loss``" override one of two hooks: ``stepping_optimizers`` (DANN's
 alternating players) and ``after_step`` (GroupDRO's domain weights, IRM's and VREx's optimiser reset).
+
+``update`` never waits for the device: it returns the loss terms as tensors still on the device, and the
+training loop checks their finiteness once per epoch. So no method code may read a device value on the host
+in ``objective`` or ``after_step`` (``.item()``, ``.tolist()``, ``bool(tensor)``, ``torch.nonzero``, boolean-mask
+indexing...).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from dmg.errors import NonFiniteLossError
+from dmg.compute import Precision
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -36,6 +41,23 @@ class Method(nn.Module):
         self._scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.steps = 0
+        self.precision = Precision()
+        self.scaler = self.precision.grad_scaler()
+
+    def configure_compute(self, precision: Precision, compile: bool = False) -> None:
+        """Autocast (and fp16 loss scaling) for ``precision``; ``compile``: ``torch.compile`` the loss and prediction.
+
+        Compiling replaces the bound methods, not the modules: parameter names and checkpoints stay the same.
+        """
+        self.precision = precision
+        self.scaler = precision.grad_scaler()
+        if compile:
+            self.objective = torch.compile(self.objective)
+            self.predict = torch.compile(self.predict)
+
+    def autocast(self) -> AbstractContextManager:
+        """The context forward passes run in (training and evaluation)."""
+        return self.precision.autocast()
 
     def configure_optimizers(
         self,
@@ -61,22 +83,24 @@ class Method(nn.Module):
         """Class scores (B, classes): in-domain with the samples' source domains ``d``, out-of-domain without."""
         raise NotImplementedError
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch; returns the loss terms."""
-        terms = self.objective(x, y, d)
-        values = dict(zip(terms, torch.stack([value.detach() for value in terms.values()]).tolist()))  # one sync
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLossError(self.steps + 1, values)
+    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch; returns the loss terms, detached, fp32, still on the device.
+
+        Nothing here waits for the device (the finiteness of the loss is checked by the training loop).
+        """
+        with self.autocast():
+            terms = self.objective(x, y, d)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.scaler.scale(terms["loss"]).backward()
         for name in self.stepping_optimizers():
-            self.optimizers[name].step()
+            self.scaler.step(self.optimizers[name])  # fp16: skipped when the gradients overflowed
+        self.scaler.update()
         self.steps += 1
         self.after_step()
         if self.scheduler_interval == "step":
             self._step_schedules()
-        return values
+        return {name: value.detach().float() for name, value in terms.items()}
 
     def stepping_optimizers(self) -> Iterable[str]:
         """The optimisers that take this step (all of them; DANN alternates its two players)."""
@@ -114,6 +138,7 @@ class Method(nn.Module):
             "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
             "schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
             "steps": self.steps,
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -123,6 +148,8 @@ class Method(nn.Module):
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(schedulers[name])
         self.steps = state["steps"]
+        if state.get("scaler") and self.scaler.is_enabled():  # an fp16 run's loss scale; other precisions have none
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def init_classifier(layer: nn.Linear, std: float | None) -> None:

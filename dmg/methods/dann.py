@@ -105,7 +105,5 @@ def check_fraction(key: str, value: float) -> None:
 
 def _input_gradient_penalty(features: torch.Tensor, domain_logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Mean squared norm of the gradient of the summed discriminator CE with respect to its input (DomainBed)."""
-    (gradient,) = torch.autograd.grad(
-        F.cross_entropy(domain_logits, d, reduction="sum"), [features], create_graph=True
-    )
+    (gradient,) = torch.autograd.grad(F.cross_entropy(domain_logits, d, reduction="sum"), [features], create_graph=True)
     return gradient.pow(2).sum(1).mean()

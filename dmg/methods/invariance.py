@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmg.compute import in_fp32
 from dmg.errors import check_count, check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
@@ -53,6 +54,7 @@ class IRM(AnnealedPenalty):
     def __init__(self, *args, penalty_weight: float = 1e2, **kwargs):
         super().__init__(*args, penalty_weight=penalty_weight, **kwargs)
 
+    @in_fp32
     def penalty(self, logits, y, d, risks):
         scale_gradient = (F.softmax(logits, 1) * logits).sum(1) - logits.gather(1, y[:, None]).squeeze(1)  # (B,)
         odd = by_domain.rank_within_domain(d, self.num_domains) % 2
@@ -67,6 +69,7 @@ class VREx(AnnealedPenalty):
     def __init__(self, *args, penalty_weight: float = 1e1, **kwargs):
         super().__init__(*args, penalty_weight=penalty_weight, **kwargs)
 
+    @in_fp32
     def penalty(self, logits, y, d, risks):
         present = by_domain.counts(d, self.num_domains) > 0
         mean = by_domain.mean_over(risks, present)

@@ -4,7 +4,8 @@ After each stage named in ``layers``, with probability ``p`` per forward pass, e
 normalised by its own channel means and standard deviations (over H x W, detached) and re-scaled by a convex
 combination, with weight ``lam ~ Beta(alpha, alpha)`` per sample, of its statistics and those of a randomly
 chosen sample of the batch (the ``random`` shuffle of the official code and of SWAD's ``Mixstyle``). Prediction
-runs the plain network.
+runs the plain network. The mixed features are computed at every training pass and kept with probability ``p``
+(a choice made on the device, so the step never waits for it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from dmg.errors import BadValue, UserError, check_number
 from dmg.methods.aggregate import Aggregate
+from dmg.methods.mixup import beta_samples
 
 
 def mix_style(x: torch.Tensor, lam: torch.Tensor, permutation: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -45,18 +47,22 @@ class MixStyle(Aggregate):
         self.mixed_inputs = {names[position + 1] for position in positions}  # mixing after a stage = before the next
         self.p = p
         self.eps = eps
-        self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+        self.alpha = float(alpha)
 
     def objective(self, x, y, d):
         loss = F.cross_entropy(self.network.run(x, before=self._mix), y)
         return {"loss": loss}
 
     def _mix(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name not in self.mixed_inputs or torch.rand(()) >= self.p:  # drawn on the CPU: no device sync
+        if name not in self.mixed_inputs:
             return x
         if x.dim() != 4:
             raise UserError(
                 f"MixStyle needs (B, C, H, W) features, but the input of stage {name!r} is {tuple(x.shape)}"
             )
         batch = x.shape[0]
-        return mix_style(x, self.beta.sample((batch,)).to(x.device), torch.randperm(batch).to(x.device), self.eps)
+        mixed = mix_style(
+            x, beta_samples(self.alpha, batch, x.device), torch.randperm(batch, device=x.device), self.eps
+        )
+        applies = torch.rand((), device=x.device) < self.p  # decided on the device: the host never waits for it
+        return torch.where(applies, mixed, x)

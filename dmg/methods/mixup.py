@@ -24,11 +24,11 @@ class Mixup(Aggregate):
     def __init__(self, *args, alpha: float = 0.2, **kwargs):
         super().__init__(*args, **kwargs)
         check_number("alpha", alpha, above=0)
-        self.beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+        self.alpha = float(alpha)
 
     def objective(self, x, y, d):
-        cycle = torch.randperm(self.num_domains).to(d.device)  # order of the domains in the cycle
-        lam = self.beta.sample((self.num_domains,)).to(x.device)  # one weight per pair (per first domain)
+        cycle = torch.randperm(self.num_domains, device=d.device)  # order of the domains in the cycle
+        lam = beta_samples(self.alpha, self.num_domains, x.device)  # one weight per pair (per first domain)
         return self.mixed_objective(x, y, d, cycle, lam)
 
     def mixed_objective(self, x, y, d, cycle: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,3 +58,10 @@ class Mixup(Aggregate):
         partner = table[following[d], rank]
         paired = partner >= 0
         return torch.where(paired, partner, torch.arange(len(d), device=d.device)), paired
+
+
+def beta_samples(alpha: float, count: int, device: torch.device) -> torch.Tensor:
+    """``count`` draws of Beta(alpha, alpha), made on ``device`` (no copy from the host, no argument checks that
+    would read device values)."""
+    concentration = torch.full((), alpha, device=device)
+    return torch.distributions.Beta(concentration, concentration, validate_args=False).sample((count,))

@@ -42,6 +42,7 @@ class MultiHead(Method):
         self.heads = nn.ModuleList(copy.deepcopy(network.slice(split)) for _ in domains)
         for head in self.heads:
             init_classifier(head.classifier, classifier_init_std)
+        self.heads_normalise_batches = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.heads.modules())
         self.ood_average = ood_average
         self.configure_optimizers({"network": (optimizer, self.parameters())})
 
@@ -54,6 +55,19 @@ class MultiHead(Method):
         return self._own_heads(features, d) if d is not None else self._mean_of_heads(features)
 
     def _own_heads(self, features: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Each sample's logits from the head of its own domain; only those reach the loss.
+
+        Every head runs on the whole batch and each sample keeps its own head's output, so nothing waits for
+        the device (a head gets gradients from its own samples only; from none when its domain is absent). Heads
+        with batch normalisation (split before ``fc``) must see only their own samples while training: they
+        take the routed path, which reads the batch's domains on the host.
+        """
+        if self.training and self.heads_normalise_batches:
+            return self._routed(features, d)
+        logits = torch.stack([head(features) for head in self.heads])  # (domains, B, classes)
+        return logits[d, torch.arange(len(d), device=d.device)]
+
+    def _routed(self, features: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Each sample through the head of its domain: every head sees only its own samples."""
         members = [(head, torch.nonzero(d == k).squeeze(1)) for k, head in enumerate(self.heads)]
         members = [(head, idx) for head, idx in members if len(idx)]

@@ -22,8 +22,13 @@ MaskInit = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sample_straight_through(p: torch.Tensor) -> torch.Tensor:
-    """Training: a hard Bernoulli sample whose gradient flows to ``p`` (straight-through estimator)."""
-    return torch.bernoulli(p.detach()) + p - p.detach()
+    """Training: a hard Bernoulli sample whose gradient flows to ``p`` (straight-through estimator).
+
+    Drawn as ``uniform < p`` rather than ``torch.bernoulli``, which asserts on the GPU when ``p`` is NaN: a
+    diverged run then ends with the training loop's clear error, not a device-side assert.
+    """
+    hard = (torch.rand_like(p) < p).to(p.dtype)
+    return hard + p - p.detach()
 
 
 def greedy(p: torch.Tensor) -> torch.Tensor:
@@ -59,9 +64,9 @@ class DomainMask(nn.Module):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor | None, mode: str) -> torch.Tensor:
         """``x`` (B, units[, H, W]) times the mask of each sample's domain ``d`` (B,); ``d=None`` uses the mean mask."""
-        p = self.probabilities()
+        p = self.probabilities()  # fp32, whatever the autocast precision
         keep = MASK_MODES[mode](p[d] if d is not None else p.mean(0, keepdim=True))  # (B or 1, units)
-        return x * keep.view(len(keep), *self.unit_shape, *(1,) * (x.dim() - 1 - len(self.unit_shape)))
+        return x * keep.view(len(keep), *self.unit_shape, *(1,) * (x.dim() - 1 - len(self.unit_shape))).to(x.dtype)
 
 
 class MaskedNetwork(nn.Module):
@@ -133,7 +138,15 @@ def _units(layer: str, shape: torch.Size, granularity: str) -> tuple[int, ...]:
 
 
 def soft_iou(p: torch.Tensor) -> torch.Tensor:
-    """Pairwise soft IoU of the rows of ``p`` (domains, units): ``(sum a*b + 1e-6) / (sum a+b-a*b + 1e-6)``."""
+    """Pairwise soft IoU of the rows of ``p`` (domains, units): ``(sum a*b + 1e-6) / (sum a+b-a*b + 1e-6)``.
+
+    Always in fp32: autocast would run the product in half precision.
+    """
+    with torch.autocast(p.device.type, enabled=False):
+        return _soft_iou(p.float())
+
+
+def _soft_iou(p: torch.Tensor) -> torch.Tensor:
     intersection = p @ p.T  # (D, D)
     totals = p.sum(1)
     union = totals[:, None] + totals[None, :] - intersection
