@@ -9,12 +9,13 @@ import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from dmg import checkpoints, loop
+from dmg import loop
 from dmg.data.loading import PartBatches, concatenate, make_loader
 from dmg.data.seeding import sample_seed, with_seed
 from dmg.data.synthetic import write_image_tree
 from dmg.experiment import run
 from tests.conftest import compose_config
+from tests.test_run import run_interrupted_after_epoch
 
 DOMAINS = ["a", "b", "c"]
 
@@ -122,16 +123,7 @@ def test_an_epoch_gives_the_same_metrics_with_0_1_and_2_workers(image_root, tmp_
 @pytest.mark.slow
 def test_a_run_resumed_with_another_worker_count_follows_the_same_trajectory(image_root, tmp_path, monkeypatch):
     run(config(image_root, tmp_path / "reference", "epochs=2", "num_workers=1"))
-    save = checkpoints.Checkpointer.save
-
-    def save_then_interrupt(self, method, history, is_best):
-        save(self, method, history, is_best)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(config(image_root, tmp_path / "resumed", "epochs=2", "num_workers=2"))
-    monkeypatch.undo()
+    run_interrupted_after_epoch(config(image_root, tmp_path / "resumed", "epochs=2", "num_workers=2"), 1, monkeypatch)
     run(config(image_root, tmp_path / "resumed", "epochs=2", "num_workers=0"))
     resumed, reference = history(tmp_path / "resumed"), history(tmp_path / "reference")
     assert [step for step, _ in resumed["train/loss"]] == [1, 2]
