@@ -44,7 +44,7 @@ class EvaluationPart:
 class Loaders:
     """Batches ``(x, y, d)`` already on the training device."""
 
-    train: OnDevice  # every source domain, shuffled
+    train: OnDevice  # every source domain, shuffled or balanced (``sampler``)
     evaluation: OnDevice  # every part in turn, sources' val then targets' test; no batch straddles two parts
     parts: list[EvaluationPart]
     batch_parts: list[int]  # the part of each evaluation batch
