@@ -140,16 +140,19 @@ def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     network: StagedNetwork = build(cfg.backbone.network, "backbone.network")
     check_input_size(network, cfg)
     check_optimizers(cfg.optim)
-    options = OmegaConf.to_container(cfg.method, resolve=True)
-    del options["name"]
-    return build(options, "method", network=network, domains=sources)
+    return build(group_options(cfg.method), "method", network=network, domains=sources)
 
 
 def build_averaging(cfg: DictConfig) -> NoAveraging:
     """The weight averaging of the ``averaging/`` group (``none`` or ``swad``)."""
-    options = OmegaConf.to_container(cfg.averaging, resolve=True)
+    return build(group_options(cfg.averaging), "averaging")
+
+
+def group_options(group: DictConfig) -> dict:
+    """A config group's options for ``instantiate``: everything but its ``name`` (a label for runs and tables)."""
+    options = OmegaConf.to_container(group, resolve=True)
     del options["name"]
-    return build(options, "averaging")
+    return options
 
 
 def method_label(cfg: DictConfig) -> str:
