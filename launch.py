@@ -14,10 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dmg.engine.signals import sigterm_raises
 from dmg.errors import Terminated, UserError
-from dmg.experiment import run
-from dmg.settings import check_overrides
-from dmg.signals import sigterm_raises
+from dmg.runs.experiment import run
+from dmg.runs.settings import check_overrides
 
 log = logging.getLogger("dmg")
 

@@ -1,6 +1,6 @@
 """``python tests/crash.py MODULE:ATTRIBUTE:N [overrides...]``: run ``launch.py`` and die by SIGKILL at a chosen point.
 
-The N-th call of ``MODULE.ATTRIBUTE`` (e.g. ``dmg.checkpoints:Checkpointer.save:2``) kills this process with
+The N-th call of ``MODULE.ATTRIBUTE`` (e.g. ``dmg.engine.checkpoints:Checkpointer.save:2``) kills this process with
 SIGKILL before the call runs: a real ``kill -9`` at an exact point of a run, for the fault-injection tests.
 """
 

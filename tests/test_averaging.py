@@ -10,12 +10,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from dmg.averaging import SWAD, LossValley
-from dmg.compute import Precision
 from dmg.data.loading import OnDevice, make_loader
+from dmg.engine.averaging import SWAD, LossValley
+from dmg.engine.compute import Precision
+from dmg.engine.loop import recompute_batch_norm
 from dmg.errors import UserError
-from dmg.experiment import run
-from dmg.loop import recompute_batch_norm
+from dmg.runs.experiment import run
 from tests.test_run import run_interrupted_after_epoch
 
 

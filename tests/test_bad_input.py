@@ -13,8 +13,8 @@ import torchvision
 from hydra import compose, initialize_config_dir
 
 from dmg.errors import UserError
-from dmg.experiment import run
-from dmg.settings import check_overrides
+from dmg.runs.experiment import run
+from dmg.runs.settings import check_overrides
 from tests.conftest import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def test_a_bad_job_of_a_leave_one_out_sweep_prints_one_line_and_the_others_finis
     ],
 )
 def test_sweeper_options_are_checked_before_a_sweep_starts(override, message):
-    from dmg.callbacks import check_sweeper
+    from dmg.sweeps.callbacks import check_sweeper
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+sweep=dmg_search", override], return_hydra_config=True)
@@ -209,7 +209,7 @@ def test_sweeper_options_are_checked_before_a_sweep_starts(override, message):
 
 
 def test_a_sqlite_store_on_a_network_file_system_gets_a_warning(tmp_path, caplog):
-    from dmg.stores import warn_if_network_file_system
+    from dmg.runs.stores import warn_if_network_file_system
 
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/vda1 / ext4 rw 0 0\nfiler:/export/lab {tmp_path}/shared nfs4 rw,relatime 0 0\n")

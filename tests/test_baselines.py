@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmg.errors import UserError
-from dmg.experiment import run
 from dmg.methods.alignment import CORAL, DOMAINBED_GAMMAS, MMD
 from dmg.methods.dann import DANN
 from dmg.methods.groupdro import GroupDRO
@@ -19,6 +18,7 @@ from dmg.methods.mixstyle import MixStyle, mix_style
 from dmg.methods.mixup import Mixup, beta_samples
 from dmg.models import backbones
 from dmg.models.staged import StagedNetwork
+from dmg.runs.experiment import run
 from tests.conftest import QUICK, compose_config
 
 DOMAINS = ["a", "b", "c"]
@@ -380,7 +380,7 @@ COMBINATIONS += [
 @pytest.mark.parametrize("method, backbone", COMBINATIONS)
 def test_every_baseline_trains_on_every_backbone(method, backbone):
     """Built from the configs as launch.py builds it (features, MixStyle stages, discriminator size per backbone)."""
-    from dmg.experiment import build_method
+    from dmg.runs.experiment import build_method
 
     size = 64 if backbone == "alexnet" else 32
     always_mix = ["method.p=1.0"] if method == "mixstyle" else []  # the mixing path runs at every step

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from dmg.bench import main
+from dmg.commands.bench import main
 
 
 def test_bench_reports_every_method_and_the_dmg_ratios(capsys):

@@ -7,7 +7,8 @@ import torch
 from hydra.utils import instantiate
 
 from dmg.data import choose_domains
-from dmg.experiment import build_method
+from dmg.runs.experiment import build_method
+from dmg.runs.tracking import config_hash
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = ["dataset", "backbone", "method", "mask", "optim", "averaging"]
@@ -44,3 +45,17 @@ def test_config_defaults_name_the_documented_groups():
     assert cfg.method.name == "dmg" and cfg.dataset.name == "rotated_mnist" and cfg.backbone.name == "small_cnn"
     assert cfg.target == "rot30"
     assert Path(CONF_DIR / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, recorded",
+    [
+        ([], "886c65812fc2da30"),
+        (["averaging=swad"], "5453c83088c06e4c"),
+        (["optim=domainnet", "dataset=domainnet", "dataset.root=/data"], "971bd10f07c4a6fd"),
+    ],
+)
+def test_config_hashes_of_earlier_releases_still_find_their_runs(overrides, recorded):
+    """Hashes recorded before the package was regrouped (and before settings were added since, at their defaults):
+    an interrupted run of an earlier release is found and continued by the same command."""
+    assert config_hash(compose_config(overrides)) == recorded

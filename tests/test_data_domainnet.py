@@ -10,14 +10,14 @@ import pytest
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from dmg import prepare
+from dmg.commands import prepare
 from dmg.data import packing
 from dmg.data.domainnet import split_train_list
 from dmg.data.images import read_image
 from dmg.data.lists import read_split_list
 from dmg.data.synthetic import write_domainnet
 from dmg.errors import UserError
-from dmg.experiment import run
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
@@ -76,7 +76,7 @@ def test_split_depends_only_on_seed_and_paths():
 
 
 def test_prepare_command_writes_the_same_split_twice(tree, tmp_path):
-    command = [sys.executable, "-m", "dmg.prepare", "domainnet", "--root", str(tree)]
+    command = [sys.executable, "-m", "dmg", "prepare", "domainnet", "--root", str(tree)]
     result = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PYTHONHASHSEED": "1", "PATH": ""}
     )
@@ -96,7 +96,7 @@ def test_prepare_without_official_lists_says_where_to_get_them(tmp_path, capsys)
 def test_training_without_prepared_split_names_the_missing_file_and_the_command(tree):
     with pytest.raises(
         UserError,
-        match=r"folder .*dmg_split not found: expected clipart_train.txt, .*python -m dmg.prepare domainnet --root",
+        match=r"folder .*dmg_split not found: expected clipart_train.txt, .*python -m dmg prepare domainnet --root",
     ):
         instantiate(domainnet(tree).dataset.builder).build(DOMAINS[:5], ["sketch"])
 

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from dmg.data.synthetic import write_image_tree
 from dmg.errors import UserError
-from dmg.experiment import run
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 TINY = ["backbone=small_cnn", "backbone.network.width=4", "dataset.image_size=16", "num_workers=0", "progress=false"]

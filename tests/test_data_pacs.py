@@ -11,7 +11,7 @@ from dmg.data.images import BadImageError
 from dmg.data.lists import read_split_list
 from dmg.data.synthetic import write_image_tree, write_pacs_hdf5, write_pacs_kfold
 from dmg.errors import UserError
-from dmg.experiment import run
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]

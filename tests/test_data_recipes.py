@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dmg.schedules import InverseDecay
+from dmg.engine.schedules import InverseDecay
 from tests.conftest import compose_config
 
 EPOCHS = {("pacs", "aggregate"): 100, ("pacs", "multihead"): 100, ("pacs", "dmg"): 150}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dmg import prepare
+from dmg.commands import prepare
 from dmg.data.images import BadImageError
 from dmg.data.synthetic import write_domainnet, write_image_tree, write_pacs_hdf5, write_pacs_kfold
 from dmg.errors import UserError
-from dmg.experiment import build, build_loaders
+from dmg.runs.experiment import build, build_loaders
 from tests.conftest import compose_config
 
 PACS = ["art_painting", "cartoon", "photo", "sketch"]

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from dmg.experiment import run
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,10 @@ def store_template(tmp_path_factory) -> Path:
 
 
 KILL_POINTS = [
-    "dmg.checkpoints:Checkpointer.save:1",  # epoch 1 logged, no checkpoint yet: a run without any checkpoint
-    "dmg.checkpoints:torch.save:2",  # inside a checkpoint write (epoch 2): a temporary file is left behind
-    "dmg.checkpoints:Checkpointer.save:2",  # epoch 3 logged, its checkpoint not written
-    "dmg.tracking:Tracker.log_artifact:1",  # in the end-of-run summary, after its metrics were logged
+    "dmg.engine.checkpoints:Checkpointer.save:1",  # epoch 1 logged, no checkpoint yet: a run without any checkpoint
+    "dmg.engine.checkpoints:torch.save:2",  # inside a checkpoint write (epoch 2): a temporary file is left behind
+    "dmg.engine.checkpoints:Checkpointer.save:2",  # epoch 3 logged, its checkpoint not written
+    "dmg.runs.tracking:Tracker.log_artifact:1",  # in the end-of-run summary, after its metrics were logged
 ]
 
 

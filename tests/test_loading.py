@@ -9,11 +9,11 @@ import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from dmg import loop
 from dmg.data.loading import PartBatches, concatenate, make_loader
 from dmg.data.seeding import sample_seed, with_seed
 from dmg.data.synthetic import write_image_tree
-from dmg.experiment import run
+from dmg.engine import loop
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 from tests.test_run import run_interrupted_after_epoch
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dmg.experiment import run
+from dmg.runs.experiment import run
 
 
 def free_port() -> int:

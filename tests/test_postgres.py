@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from dmg import report
+from dmg.commands import report
 from dmg.errors import SetupError
-from dmg.experiment import run
-from dmg.stores import check_store_uri
+from dmg.runs.experiment import run
+from dmg.runs.stores import check_store_uri
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

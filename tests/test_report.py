@@ -1,5 +1,5 @@
 """The results table: mean ± std over seeds per method and target, missing cells and seeds said so, run filters,
-oracle selection and output formats, on MLflow runs written by the test (their metrics as dmg.experiment logs them)."""
+oracle selection and output formats, on MLflow runs written by the test (their metrics as dmg.runs.experiment logs them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from dmg import report
+from dmg.commands import report
 
 # accuracies per epoch (test/acc_mean, val/acc_mean); the selected epoch is the one with the best val
 HISTORY = {
@@ -25,7 +25,7 @@ HISTORY = {
 
 
 def log_run(client, experiment, method, target, seed, test, val, status="FINISHED", backbone="small_cnn", **tags):
-    """A run as dmg.experiment logs it: per-epoch metrics at step = epoch, summary metrics at the selected epoch."""
+    """A run as dmg.runs.experiment logs it: per-epoch metrics at step = epoch, summary metrics at the selected epoch."""
     tags = {"method": method, "target": target, "seed": seed, "backbone": backbone, "dataset": "rotated_mnist", **tags}
     run_id = client.create_run(experiment, tags=tags).info.run_id
     selected = max(range(len(val)), key=lambda i: (val[i], -i)) + 1

@@ -9,10 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dmg import checkpoints
+from dmg.engine import checkpoints
 from dmg.errors import NonFiniteLossError, UserError
-from dmg.experiment import run
 from dmg.methods.aggregate import Aggregate
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def test_launch_py_reports_bad_input_on_one_line_with_nonzero_exit(tmp_path):
 
 def test_skip_finished_reports_the_finished_run_without_training_again(quick_config, tmp_path, monkeypatch):
     first = run(quick_config("epochs=1"))
-    monkeypatch.setattr("dmg.experiment.fit", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr("dmg.runs.experiment.fit", lambda *args, **kwargs: pytest.fail("trained again"))
     assert run(quick_config("epochs=1", "resume=skip_finished")) == first
     _, runs = only_run(tmp_path)
     assert len(runs) == 1
@@ -208,7 +208,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(isolated):
 
 
 def test_a_running_run_of_another_host_is_left_alone_unless_a_sweep_requeued_its_trial(quick_config, tmp_path):
-    from dmg.tracking import HOST_TAG, Tracker, config_hash, experiment_id
+    from dmg.runs.tracking import HOST_TAG, Tracker, config_hash, experiment_id
 
     trial = "tracking.trial={study:s,number:5,origin:2,params:{}}"
     first = quick_config("tracking.trial={study:s,number:2,origin:2,params:{}}")

@@ -9,7 +9,7 @@ from dmg.data.loading import make_loader
 from dmg.data.sampling import BalancedBatches, balanced_batches, domain_labels
 from dmg.data.synthetic import write_image_tree
 from dmg.errors import UserError
-from dmg.experiment import run
+from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
 SIZES = [10, 25, 7]  # samples per domain: unequal on purpose

@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from dmg import checkpoints, report
+from dmg.commands import report
+from dmg.engine import checkpoints
 from dmg.errors import SetupError, UserError
-from dmg.sweeps import SweepFailed, SweepStopped, describe, expand_glob
+from dmg.sweeps.sweeper import SweepFailed, SweepStopped, describe, expand_glob
 from launch import task as launch_task
 from tests.conftest import CONF_DIR
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from dmg.compute import Precision, resolve_precision
 from dmg.data.loading import OnDevice, make_loader
+from dmg.engine.compute import Precision, resolve_precision
+from dmg.engine.loop import train_epoch
 from dmg.errors import NonFiniteLossError, UserError
-from dmg.experiment import build_method
-from dmg.loop import train_epoch
+from dmg.runs.experiment import build_method
 from tests.conftest import CONF_DIR, compose_config
 
 METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
@@ -177,7 +177,7 @@ def test_precision_names_resolve_per_device():
 
 
 def test_checkpoints_load_across_precisions_and_memory_formats(tmp_path):
-    from dmg.checkpoints import Checkpointer
+    from dmg.engine.checkpoints import Checkpointer
 
     x, y, d = batch()
     trained = small_method("dmg").to(memory_format=torch.channels_last)
@@ -205,7 +205,7 @@ def test_checkpoints_load_across_precisions_and_memory_formats(tmp_path):
 
 @pytest.mark.slow
 def test_compile_true_trains_dmg_and_predicts_as_eager_does():
-    from dmg.experiment import configure_compute
+    from dmg.runs.experiment import configure_compute
 
     cfg = compose_config(["method=dmg", "backbone.network.width=4", "compile=true"])
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def test_compile_true_trains_dmg_and_predicts_as_eager_does():
 def test_precision_and_memory_format_are_recorded_with_the_run(quick_config, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dmg.experiment import run
+    from dmg.runs.experiment import run
 
     run(quick_config("epochs=1", "dataset.max_images=600", "precision=bf16"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -250,7 +250,7 @@ SETTLING = ["epochs=8", "optim.lr=3e-3", "optim.scheduler.gamma=0.6", "progress=
 
 @pytest.mark.slow
 def test_bf16_training_of_the_embedded_default_lands_within_a_point_of_fp32(isolated):
-    from dmg.experiment import run
+    from dmg.runs.experiment import run
 
     accuracy = {
         precision: run(

@@ -1,4 +1,4 @@
-"""Images stored in HDF5 files: PACS's official files and the packed files of ``dmg.prepare``.
+"""Images stored in HDF5 files: PACS's official files and the packed files of ``dmg.commands.prepare``.
 
 A file holds ``images`` and ``labels`` (N,). ``images`` is (N, H, W, 3) uint8 in BGR order (PACS) or RGB
 order, or (N,) variable-length byte strings, each an encoded image file (packed DomainNet). A packed file

@@ -3,7 +3,7 @@
     python -m dmg.data.throughput --workers 0 2 8                  # a generated PACS-shaped HDF5 folder
     python -m dmg.data.throughput --root data/PACS --workers 8     # real data (any dataset=...)
 
-``add_parser`` registers the same command in another CLI (``python -m dmg.bench loader``).
+``add_parser`` registers the same command in another CLI (``python -m dmg bench loader``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmg.compute import in_fp32
+from dmg.engine.compute import in_fp32
 from dmg.errors import check_count, check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate

@@ -1,7 +1,7 @@
 """Hydra plugins of the DMG project: the ``sweeps/`` config folder, the resumable Optuna sweeper and the grid sweeper.
 
 Hydra only instantiates plugins defined under the ``hydra_plugins`` namespace, so these are thin shells; the
-sweeper's logic lives in ``dmg.sweeps``. Found whenever the repository root is on ``sys.path`` (``python
+sweeper's logic lives in ``dmg.sweeps.sweeper``. Found whenever the repository root is on ``sys.path`` (``python
 launch.py`` puts it there; pytest through ``pythonpath = .`` in setup.cfg).
 """
 
@@ -28,7 +28,7 @@ class ResumableOptunaSweeper(Sweeper):
     """Hydra's Optuna sweeper made resumable and failure-tolerant; see ``dmg.sweeps.ResumableOptuna``."""
 
     def __init__(self, **options) -> None:
-        from dmg.sweeps import ResumableOptuna
+        from dmg.sweeps.sweeper import ResumableOptuna
 
         self.sweeper = ResumableOptuna(**options)
 
@@ -40,16 +40,16 @@ class ResumableOptunaSweeper(Sweeper):
 
 
 class KeepGoingSweeper(BasicSweeper):
-    """Hydra's basic sweeper where a failed job does not stop the others; see ``dmg.grid``."""
+    """Hydra's basic sweeper where a failed job does not stop the others; see ``dmg.sweeps.grid``."""
 
     def setup(self, **kwargs) -> None:
-        from dmg.grid import FailureCollector
+        from dmg.sweeps.grid import FailureCollector
 
         super().setup(**kwargs)
         self.launcher = FailureCollector(self.launcher)
 
     def sweep(self, arguments: list[str]):
-        from dmg.grid import report_failures
+        from dmg.sweeps.grid import report_failures
 
         returns = super().sweep(arguments)
         report_failures(self.launcher.failures, sum(len(batch) for batch in returns))

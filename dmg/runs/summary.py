@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
-from dmg.loop import Metrics, selected_epoch
+from dmg.engine.loop import Metrics, selected_epoch
 
 
 def summarize(history: list[Metrics], averaged: Metrics | None = None) -> dict[str, float]:

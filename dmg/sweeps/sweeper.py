@@ -14,7 +14,7 @@ and replaces its batch loop:
 - a trial that fails because of its own config or numerics (a ``UserError``, a NaN/inf objective) is recorded as
   FAIL with the reason in its ``failure`` user attribute, and the sweep goes on (it stops after
   ``max_consecutive_failures`` in a row); any other error (a store, a disk, a bug) queues the trial again and
-  stops the sweep with one line saying what broke: it never consumes the study (dmg/trials.py);
+  stops the sweep with one line saying what broke: it never consumes the study (dmg/sweeps/trials.py);
 - each job gets ``<trial_key>={study, number, origin, params}`` so that its MLflow run can be tagged;
 - ``conditional_params`` are sampled only when other parameters take given values (``mask.val`` for
   ``mask=scalar``) and ``group=glob(*)`` searches over every option of a config group.
@@ -43,8 +43,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
 from dmg.errors import BadValue, UserError, check_count, check_number
-from dmg.stores import check_store_uri, create_sqlite_atomically, store_lock
-from dmg.trials import (
+from dmg.runs.stores import check_store_uri, create_sqlite_atomically, store_lock
+from dmg.sweeps.trials import (
     COMPLETE,
     PROCESS_ATTR,
     RETRY,
@@ -270,7 +270,7 @@ def save_results(study: optuna.Study, path: Path) -> dict:
 def describe(study_name: str, trial: Trial) -> str:
     """The trial as a Hydra override value: ``{study:'s',number:3,origin:3,params:{mask:'scalar',mask.val:1.2}}``.
 
-    ``origin`` is the trial it stands for: itself, or the first trial of its retries (see dmg/trials.py).
+    ``origin`` is the trial it stands for: itself, or the first trial of its retries (see dmg/sweeps/trials.py).
     """
     params = ",".join(f"{name}:{hydra_literal(value)}" for name, value in trial.params.items())
     return f"{{study:{hydra_literal(study_name)},number:{trial.number},origin:{origin(trial)},params:{{{params}}}}}"

@@ -25,11 +25,11 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
-from dmg import signals
+from dmg.engine import signals
 from dmg.errors import UserError
-from dmg.settings import check_overrides, check_settings
-from dmg.stores import mlflow_client, store_lock
-from dmg.tracking import experiment_id
+from dmg.runs.settings import check_overrides, check_settings
+from dmg.runs.stores import mlflow_client, store_lock
+from dmg.runs.tracking import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def exit_on_user_error() -> Iterator[None]:
 
 def check_sweeper(sweeper: DictConfig) -> None:
     """The options of our Optuna sweeper, checked before anything is written (other sweepers check their own)."""
-    from dmg.sweeps import check_options
+    from dmg.sweeps.sweeper import check_options
 
     if str(sweeper.get("_target_", "")).endswith("ResumableOptunaSweeper"):
         check_options(sweeper)

@@ -1,8 +1,8 @@
 """Speed of each method on random data: training and evaluation images per second, and DMG's cost ratios.
 
-    python -m dmg.bench --backbone alexnet --batch-size 64 --domains 3
-    python -m dmg.bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
-    python -m dmg.bench train                  # real epochs from files: end to end vs compute only (dmg/bench_train.py)
+    python -m dmg bench --backbone alexnet --batch-size 64 --domains 3
+    python -m dmg bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
+    python -m dmg bench train                  # real epochs from files: end to end vs compute only (dmg/commands/bench_train.py)
 
 Methods are built exactly as ``launch.py`` builds them, from the same configs.
 """
@@ -21,15 +21,15 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from dmg import bench_train
+from dmg.commands import bench_train
 from dmg.data import throughput
-from dmg.experiment import build_method, resolve_device
 from dmg.methods.base import Method
+from dmg.runs.experiment import build_method, resolve_device
 
 PHASES = ["train", "eval_in", "eval_out"]
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 METHODS = ["aggregate", "multihead", "dmg"]  # the default: the paper's three and DMG's cost ratios
 AVAILABLE = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
 
@@ -117,7 +117,7 @@ def bench_methods(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """``methods`` (the default command), ``loader`` or ``train``."""
-    parser = argparse.ArgumentParser(prog="python -m dmg.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dmg bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers()
     methods = commands.add_parser("methods", help="train/eval images per second of every method (the default)")
     methods.add_argument("--backbone", default="alexnet", help="a conf/backbone option (default: alexnet)")

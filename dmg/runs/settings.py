@@ -20,10 +20,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dmg.compute import PRECISIONS
 from dmg.data.sampling import SAMPLERS
+from dmg.engine.compute import PRECISIONS
 from dmg.errors import BadValue, SetupError, UserError, check_count
-from dmg.stores import check_store_uri
+from dmg.runs.stores import check_store_uri
 
 RESUME_MODES = ("auto", "skip_finished", "never")
 KEEP_CHECKPOINTS = ("selected", "all", "none")

@@ -16,27 +16,27 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from dmg.averaging import NoAveraging
-from dmg.callbacks import sweep_tags
-from dmg.checkpoints import Checkpointer
-from dmg.compute import Compute, is_convolutional, resolve_precision
 from dmg.data import DomainSplits, choose_domains
 from dmg.data.decode import EncodedBatchDecoder
 from dmg.data.loading import OnDevice, PartBatches, concatenate, make_loader
 from dmg.data.sampling import BATCH_SAMPLERS
+from dmg.engine.averaging import NoAveraging
+from dmg.engine.checkpoints import Checkpointer
+from dmg.engine.compute import Compute, is_convolutional, resolve_precision
+from dmg.engine.loop import EvaluationPart, Loaders, finish_average, fit
+from dmg.engine.signals import sigterm_raises
 from dmg.errors import BadValue, Terminated, UserError
-from dmg.loop import EvaluationPart, Loaders, finish_average, fit
 from dmg.methods.base import Method
 from dmg.models.staged import InputTooSmall, StagedNetwork
-from dmg.settings import check_settings
-from dmg.signals import sigterm_raises
-from dmg.summary import (
+from dmg.runs.settings import check_settings
+from dmg.runs.summary import (
     active_units_figure,
     mask_overlap_figure,
     print_summary,
     summarize,
 )
-from dmg.tracking import Tracker, finished_run, git_commit
+from dmg.runs.tracking import Tracker, finished_run, git_commit
+from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """End-to-end training throughput: real epochs from image files, next to the same steps on batches already on the device.
 
-    python -m dmg.bench train                                    # ResNet-18 and -50, every method, 224 px
-    python -m dmg.bench train --backbones resnet18 --methods dmg --workers 16 --batch-size 128
+    python -m dmg bench train                                    # ResNet-18 and -50, every method, 224 px
+    python -m dmg bench train --backbones resnet18 --methods dmg --workers 16 --batch-size 128
 
 The data is a generated PACS-shaped folder (PACS's official kfold layout: 4 domains, 7 classes, 227 x 227
 JPEGs), or yours with ``--root`` (any ``--dataset``). Every part is built as ``launch.py`` builds it, from the
@@ -34,10 +34,10 @@ from omegaconf import DictConfig
 
 from dmg.data import choose_domains
 from dmg.data.synthetic import write_pacs_kfold
-from dmg.experiment import build_loaders, build_method, configure_compute, resolve_device
-from dmg.loop import LossTotals, evaluate, train_epoch
+from dmg.engine.loop import LossTotals, evaluate, train_epoch
+from dmg.runs.experiment import build_loaders, build_method, configure_compute, resolve_device
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))

@@ -1,7 +1,7 @@
 """Dataset preparation commands.
 
-python -m dmg.prepare domainnet --root data/DomainNet                 # 90/10 split lists
-python -m dmg.prepare domainnet --root data/DomainNet --pack encoded  # ... and packed HDF5 files
+python -m dmg prepare domainnet --root data/DomainNet                 # 90/10 split lists
+python -m dmg prepare domainnet --root data/DomainNet --pack encoded  # ... and packed HDF5 files
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def domainnet(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dmg.prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dmg prepare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     dn = commands.add_parser("domainnet", help="split DomainNet's official train lists 90/10 and optionally pack HDF5")
     dn.add_argument("--root", required=True, help="folder with {domain}/{class}/{file} and {domain}_{train,test}.txt")

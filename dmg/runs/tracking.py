@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -26,13 +27,19 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from omegaconf import DictConfig, OmegaConf
 
 from dmg.errors import RunInProgress
-from dmg.stores import mlflow_client
+from dmg.runs.stores import mlflow_client
 
 log = logging.getLogger(__name__)
 
 BOOKKEEPING_KEYS = ("resume", "tracking", "checkpoint_dir", "num_workers", "progress", "keep_checkpoints")
 HOST_TAG, PID_TAG = "dmg.host", "dmg.pid"
 ENDED = ("KILLED", "FAILED")
+# Settings added after runs were first recorded, with the value that reproduces the older behaviour: at that value
+# they are left out of the hash, so a run started before they existed is still found and continued.
+# Add every new setting here (tests/test_configs.py pins the hashes of a few configs).
+KEYS_ADDED_SINCE: dict[str, object] = {}
+LEGACY_MODULE = re.compile(r"\bdmg\.(?:engine|runs|sweeps|commands)\.")
+LEGACY_COMMAND = re.compile(r"python -m dmg (report|bench|prepare)\b")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -42,13 +49,39 @@ def config_hash(cfg: DictConfig) -> str:
     trial queued again after its process died stands for the original), so two trials that sample the same
     values are two runs, while a re-queued trial continues the run of the trial it replaces.
     """
-    content = OmegaConf.to_container(cfg, resolve=True)
+    content = _with_legacy_targets(OmegaConf.to_container(cfg, resolve=True))
     trial = (content.get("tracking") or {}).get("trial") or {}
     for key in BOOKKEEPING_KEYS:
         content.pop(key, None)
+    for dotted, default in KEYS_ADDED_SINCE.items():
+        _drop_if(content, dotted.split("."), default)
     if trial:
         content["trial"] = [trial.get("study"), trial.get("origin", trial.get("number"))]
     return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _drop_if(tree: dict, path: list[str], default) -> None:
+    """Remove the key at ``path`` from the nested dict ``tree`` when it holds ``default``."""
+    *parents, last = path
+    for key in parents:
+        tree = tree.get(key)
+        if not isinstance(tree, dict):
+            return
+    if last in tree and tree[last] == default:
+        del tree[last]
+
+
+def _with_legacy_targets(tree):
+    """The config as spelled before the package was grouped into subpackages (``dmg.engine.averaging.SWAD`` was
+    ``dmg.averaging.SWAD``, ``python -m dmg prepare`` was ``python -m dmg.prepare`` in hints), so that the hashes
+    of runs started before the move stay the same and those runs are still found and continued."""
+    if isinstance(tree, Mapping):
+        return {key: _with_legacy_targets(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_with_legacy_targets(value) for value in tree]
+    if isinstance(tree, str):
+        return LEGACY_COMMAND.sub(r"python -m dmg.\1", LEGACY_MODULE.sub("dmg.", tree))
+    return tree
 
 
 def flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -1,8 +1,8 @@
 """Paper-style results tables from the MLflow runs: one row per method, one column per target domain plus the average.
 
-    python -m dmg.report                                   # every experiment of sqlite:///mlflow.db
-    python -m dmg.report --experiment pacs --backbone resnet18 --format latex
-    python -m dmg.report --experiment pacs --selection oracle --overlap
+    python -m dmg report                                   # every experiment of sqlite:///mlflow.db
+    python -m dmg report --experiment pacs --backbone resnet18 --format latex
+    python -m dmg report --experiment pacs --selection oracle --overlap
 
 Cells are mean ± standard deviation over seeds, in percent: out-of-domain accuracy (the target's test split) and
 in-domain accuracy (the sources' validation splits), both at the epoch the model selection picks. Only FINISHED
@@ -22,8 +22,8 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from dmg.callbacks import PARENT_TAG
-from dmg.tracking import BOOKKEEPING_KEYS
+from dmg.runs.tracking import BOOKKEEPING_KEYS
+from dmg.sweeps.callbacks import PARENT_TAG
 
 GROUP = ["dataset", "backbone"]  # one table per dataset and backbone
 RUN_KEY = ["dataset", "backbone", "row", "target", "seed"]
@@ -293,7 +293,7 @@ def overlap_report(client: MlflowClient, frame: pd.DataFrame) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dmg.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dmg report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; default: all)")
     parser.add_argument("--method", action="append", help="keep these methods, rows in this order (repeatable)")

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dmg.averaging import NoAveraging
-from dmg.checkpoints import Checkpointer
 from dmg.data.loading import OnDevice
 from dmg.data.seeding import epoch_seed
+from dmg.engine.averaging import NoAveraging
+from dmg.engine.checkpoints import Checkpointer
 from dmg.errors import NonFiniteLossError
 from dmg.methods.base import Method
 

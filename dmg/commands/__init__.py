@@ -1,0 +1,1 @@
+"""``python -m dmg <command>`` entry points: thin layers that parse arguments and call the package."""
