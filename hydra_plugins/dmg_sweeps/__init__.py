@@ -25,7 +25,7 @@ class SweepRecipes(SearchPathPlugin):
 
 
 class ResumableOptunaSweeper(Sweeper):
-    """Hydra's Optuna sweeper made resumable and failure-tolerant; see ``dmg.sweeps.ResumableOptuna``."""
+    """Hydra's Optuna sweeper made resumable and failure-tolerant; see ``dmg.sweeps.sweeper.ResumableOptuna``."""
 
     def __init__(self, **options) -> None:
         from dmg.sweeps.sweeper import ResumableOptuna
