@@ -36,9 +36,9 @@ def choose_domains(
 
     Returns ``(sources, targets)`` in the dataset's domain order.
     """
-    targets = [str(name) for name in ([target] if isinstance(target, (str, int, float)) else target)]
+    targets = _names(target)
     known = ", ".join(domains)
-    sources = None if sources is None else [str(name) for name in sources]
+    sources = None if sources is None else _names(sources)
     for name in targets + (sources or []):
         if name not in domains:
             raise UserError(f"unknown domain {name!r}: this dataset's domains are {known}")
@@ -53,6 +53,11 @@ def choose_domains(
         raise UserError(f"no source domain left to train on: targets are {', '.join(targets)}, domains {known}")
     ordered = lambda names: [name for name in domains if name in names]  # noqa: E731
     return ordered(sources), ordered(targets)
+
+
+def _names(value: str | int | Sequence[str]) -> list[str]:
+    """``target``/``sources`` as a list of names: one name (``target=c``) or a list (``target=[a,b]``)."""
+    return [str(name) for name in ([value] if isinstance(value, (str, int, float)) else value)]
 
 
 def split_indices(count: int, holdout_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from dmg.runs.stores import check_store_uri
 
 RESUME_MODES = ("auto", "skip_finished", "never")
 KEEP_CHECKPOINTS = ("selected", "all", "none")
+DOMAIN_KEYS = ("target", "sources")  # one domain name or a list of names, whatever the dataset's default looks like
 COUNTS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "num_workers": 0}
 CHOICES = {
     "resume": RESUME_MODES,
@@ -46,7 +47,7 @@ def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str 
         where = f"the keys of {key.rpartition('.')[0]}" if "." in key else "the top-level keys"
         raise UserError(f"unknown setting {key!r}: {hint}{where} are {', '.join(known)}")
     for key, default, value in _leaves(reference, cfg):
-        problem = type_problem(default, value)
+        problem = domains_problem(value) if key in DOMAIN_KEYS else type_problem(default, value)
         if problem:
             raise BadValue(key, f"{problem} (default: {_show(default)})", value)
 
@@ -110,6 +111,14 @@ def type_problem(default: Any, value: Any) -> str | None:
         if isinstance(default, kind):
             return None if fits(value) else expected
     return None  # strings and anything else: checked by the code that uses them
+
+
+def domains_problem(value: Any) -> str | None:
+    """What is wrong with a ``target`` or ``sources`` value: one name (``target=c``) and a list (``[a,b]``) both fit."""
+    names = value if isinstance(value, (list, ListConfig)) else [value]
+    if all(isinstance(name, (str, int)) and not isinstance(name, bool) for name in names):
+        return None
+    return "one domain name or a list of names such as [a,b]"
 
 
 def _show(value: Any) -> str:
