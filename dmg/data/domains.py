@@ -42,6 +42,10 @@ def choose_domains(
     for name in targets + (sources or []):
         if name not in domains:
             raise UserError(f"unknown domain {name!r}: this dataset's domains are {known}")
+    for key, names in (("target", targets), ("sources", sources or [])):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UserError(f"{key} names {', '.join(repeated)} more than once: list each domain once")
     if not targets:
         raise UserError(f"no target domain given: choose target= one of {known}")
     if sources is None:

@@ -7,6 +7,7 @@ or from scratch; it never blocks the config.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from dmg.errors import SetupError
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
 os.umask(UMASK)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, over the process's file-size limit
 
 
 class Checkpointer:
@@ -105,6 +108,21 @@ def _atomic_save(obj: dict, path: Path, keep_as: Path | None = None) -> None:
         if keep_as and path.exists():
             os.replace(path, keep_as)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if full := _disk_full(error):
+            raise SetupError(
+                f"checkpoint_dir: no room to write {path} ({full}): free space there or set checkpoint_dir to "
+                "another disk, then rerun the same command to continue"
+            ) from None
         raise
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What the OS said if ``error`` (or the error it wraps: torch reports a failed write as a RuntimeError) is a
+    full disk, an exhausted quota or a file-size limit; None for any other error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return os.strerror(error.errno)
+        error = error.__cause__ or error.__context__
+    return None

@@ -173,6 +173,14 @@ def evaluate(method: Method, loaders: Loaders) -> Metrics:
     return metrics
 
 
+def evaluation_keys(parts: list[EvaluationPart]) -> list[str]:
+    """The names of the metrics :func:`evaluate` returns for ``parts``."""
+    sources = [part.name for part in parts if part.in_domain]
+    targets = [part.name for part in parts if not part.in_domain]
+    names = [f"val/acc/{name}" for name in sources] + [f"val/loss/{name}" for name in sources]
+    return names + [f"test/acc/{name}" for name in targets] + ["val/acc_mean", "val/loss_mean", "test/acc_mean"]
+
+
 def finish_average(
     method: Method, averaging: NoAveraging, loaders: Loaders, checkpoints: Checkpointer, seed: int, epochs: int
 ) -> Metrics:

@@ -23,7 +23,7 @@ from dmg.data.sampling import BATCH_SAMPLERS
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.compute import Compute, is_convolutional, resolve_precision
-from dmg.engine.loop import EvaluationPart, Loaders, finish_average, fit
+from dmg.engine.loop import EvaluationPart, Loaders, evaluation_keys, finish_average, fit
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import BadValue, Terminated, UserError
 from dmg.methods.base import Method
@@ -31,9 +31,11 @@ from dmg.models.staged import InputTooSmall, StagedNetwork
 from dmg.runs.settings import check_settings
 from dmg.runs.summary import (
     active_units_figure,
+    check_optimized_metric,
     mask_overlap_figure,
     print_summary,
     summarize,
+    summary_keys,
 )
 from dmg.runs.tracking import Tracker, finished_run, git_commit
 from dmg.sweeps.callbacks import sweep_tags
@@ -46,6 +48,7 @@ def run(cfg: DictConfig) -> float:
     check_settings(cfg)
     if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
         log.info("run %s already finished with this config: reporting its result", done.info.run_id)
+        check_optimized_metric(cfg.optimized_metric, sorted(done.data.metrics))
         return done.data.metrics[cfg.optimized_metric]
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
@@ -55,6 +58,7 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     averaging = build_averaging(cfg)
+    check_optimized_metric(cfg.optimized_metric, reported_metrics(splits, method, averaging))
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
@@ -216,8 +220,7 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
         batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], f"dataset.transforms.{role}_batch")
         return OnDevice(loader, device, batch_transform, channels_last, decoder)
 
-    parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
-    parts += [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]
+    parts = evaluation_parts(splits)
     batches = PartBatches([part.size for part in parts], cfg.eval_batch_size)
     evaluation = concatenate([*splits.val.values(), *splits.test.values()])
     return Loaders(
@@ -233,6 +236,20 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
         parts=parts,
         batch_parts=batches.owners,
     )
+
+
+def evaluation_parts(splits: DomainSplits) -> list[EvaluationPart]:
+    """The evaluated domains in the order of the evaluation loader: the sources' validation splits, then the
+    targets' test splits."""
+    parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
+    return parts + [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]
+
+
+def reported_metrics(splits: DomainSplits, method: Method, averaging: NoAveraging) -> list[str]:
+    """The summary metrics the run will log, known before it trains (what ``optimized_metric`` may name)."""
+    evaluated = evaluation_keys(evaluation_parts(splits)) + list(method.epoch_metrics())
+    averaged = evaluated + list(averaging.summary_keys) if averaging.summary_keys else None
+    return summary_keys(evaluated, averaged)
 
 
 def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
