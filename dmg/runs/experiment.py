@@ -85,11 +85,14 @@ def train_and_track(
     """
     tags = run_tags(cfg, splits.targets) | compute_tags
     tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
-    log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting",
-             tracker.run_id, splits.sources, splits.targets)  # fmt: skip
     checkpoints = Checkpointer(tracker.directory)
     try:
-        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging)
+        history = checkpoints.restore(method, averaging)
+        log.info("%s: sources %s, targets %s", start_line(tracker, len(history), cfg.epochs), splits.sources,
+                 splits.targets)  # fmt: skip
+        history = fit(
+            method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging, history
+        )
         averaged = finish_average(method, averaging, loaders, checkpoints, cfg.seed, len(history))
         summary = summarize(history, averaged)
         finish_run(tracker, method, checkpoints, summary, history, splits.sources, cfg.keep_checkpoints)
@@ -100,6 +103,19 @@ def train_and_track(
         tracker.release()
     checkpoints.remove()
     return summary | {"run_id": tracker.run_id}
+
+
+def start_line(tracker: Tracker, done: int, epochs: int) -> str:
+    """What this attempt does with the run: start it, continue it from its checkpoint, or train it again from
+    epoch 1 (its checkpoint is not here: another machine's ``checkpoint_dir``, or killed before epoch 1 ended)."""
+    run = f"run {tracker.run_id}"
+    if not tracker.resumed:
+        return f"starting {run}"
+    if not done:
+        return f"no checkpoint of {run} here ({tracker.directory}): training it again from epoch 1"
+    if done >= epochs:
+        return f"continuing {run} after its last epoch ({done} of {epochs}): finishing it"
+    return f"continuing {run} from epoch {done + 1} of {epochs} (its checkpoint holds epochs 1-{done})"
 
 
 def end_interrupted(tracker: Tracker, error: BaseException) -> None:

@@ -1,0 +1,96 @@
+"""What a run tells and records: its start line, one epoch numbering (checkpoints, summary, MLflow steps, logs),
+the learning rate each epoch used, and the summary metrics it promises before training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from dmg.engine.checkpoints import Checkpointer
+from dmg.engine.loop import train_epoch
+from dmg.runs.experiment import run
+from tests.test_run import epoch_metrics, only_run, run_interrupted_after_epoch
+from tests.test_training_step import batch, loader_of, small_method
+
+
+def start_lines(caplog) -> list[str]:
+    lines = [record.getMessage() for record in caplog.records if record.name == "dmg.runs.experiment"]
+    return [line.split(": sources")[0] for line in lines if "run " in line and ": sources" in line]
+
+
+def test_the_start_line_says_whether_the_run_starts_continues_or_trains_again(
+    quick_config, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO)
+    cfg = quick_config("epochs=3", "method=aggregate")
+    run_interrupted_after_epoch(cfg, 2, monkeypatch)
+    _, (interrupted,) = only_run(tmp_path)
+    run_id = interrupted.info.run_id
+    run(cfg)
+    assert start_lines(caplog) == [
+        f"starting run {run_id}",
+        f"continuing run {run_id} from epoch 3 of 3 (its checkpoint holds epochs 1-2)",
+    ]
+    caplog.clear()
+    again = quick_config("epochs=2", "method=aggregate")
+    run_interrupted_after_epoch(again, 1, monkeypatch)
+    _, runs = only_run(tmp_path)
+    (moved,) = [r for r in runs if r.info.run_id != run_id]
+    shutil.rmtree(tmp_path / "checkpoints" / moved.info.run_id)  # as on a machine whose checkpoint_dir is not shared
+    run(again)
+    folder = tmp_path / "checkpoints" / moved.info.run_id
+    assert start_lines(caplog) == [
+        f"starting run {moved.info.run_id}",
+        f"no checkpoint of run {moved.info.run_id} here ({folder}): training it again from epoch 1",
+    ]
+
+
+def test_epochs_count_from_one_in_checkpoints_summary_steps_and_logs(quick_config, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    saved = []
+    save_best = Checkpointer.save_best
+    monkeypatch.setattr(
+        Checkpointer, "save_best", lambda self, method, epoch: saved.append(epoch) or save_best(self, method, epoch)
+    )
+    run(quick_config("epochs=3"))
+    client, (record,) = only_run(tmp_path)
+    run_id = record.info.run_id
+    summary = json.loads(Path(client.download_artifacts(run_id, "summary.json", str(tmp_path))).read_text())
+    best = torch.load(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)), weights_only=True)
+    assert best["epoch"] == summary["selected_epoch"] == saved[-1] and 1 <= best["epoch"] <= 3
+    accuracies = dict(epoch_metrics(client, run_id, "val/acc_mean"))
+    assert list(accuracies) == [1, 2, 3] and accuracies[best["epoch"]] == max(accuracies.values())
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in logged] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert f"val/acc_mean={accuracies[best['epoch']]:.4f}" in logged[best["epoch"] - 1]
+
+
+def test_a_checkpoint_written_with_epochs_from_zero_loads_counted_from_one(tmp_path):
+    method = small_method("aggregate")
+    history = [{"val/acc_mean": 0.5}, {"val/acc_mean": 0.7}]
+    state = {"epoch": 1, "model": method.state_dict(), "training": method.training_state(), "history": history}
+    tmp_path.mkdir(exist_ok=True)
+    torch.save(state, tmp_path / "last.pt")  # as checkpoints were written before they counted from 1
+    torch.save({"epoch": 1, "model": method.state_dict()}, tmp_path / "best.pt")
+    checkpoints = Checkpointer(tmp_path)
+    restored = small_method("aggregate")
+    assert checkpoints.restore(restored) == history
+    assert checkpoints.load_best(restored) == 2  # the second epoch, as summary.json and MLflow count it
+    checkpoints.save(restored, history + [{"val/acc_mean": 0.6}], is_best=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
+    assert checkpoints.load_best(restored) == 2
+
+
+def test_the_learning_rate_of_an_epoch_is_the_one_its_last_step_used():
+    method = small_method("dmg", optim="domainnet")  # lr x (1 + 1e-4 t)^(-0.75) at iteration t, masks too
+    x, y, d = batch(12)
+    first = train_epoch(method, loader_of(x, y, d, batch_size=4), "epoch 1", progress=False)  # steps t = 0, 1, 2
+    second = train_epoch(method, loader_of(x, y, d, batch_size=4), "epoch 2", progress=False)  # t = 3, 4, 5
+    for name in ("network", "masks"):
+        assert first[f"lr/{name}"] == 1e-4 * (1 + 1e-4 * 2) ** -0.75
+        assert second[f"lr/{name}"] == 1e-4 * (1 + 1e-4 * 5) ** -0.75
+        assert method.learning_rates()[name] == 1e-4 * (1 + 1e-4 * 6) ** -0.75  # the next step's, not logged
