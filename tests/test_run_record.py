@@ -12,6 +12,7 @@ import torch
 
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.loop import train_epoch
+from dmg.runs import experiment
 from dmg.runs.experiment import run
 from tests.test_run import epoch_metrics, only_run, run_interrupted_after_epoch
 from tests.test_training_step import batch, loader_of, small_method
@@ -51,6 +52,7 @@ def test_the_start_line_says_whether_the_run_starts_continues_or_trains_again(
 
 def test_epochs_count_from_one_in_checkpoints_summary_steps_and_logs(quick_config, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
+    predicted = spy_on_reported_metrics(monkeypatch)
     saved = []
     save_best = Checkpointer.save_best
     monkeypatch.setattr(
@@ -64,9 +66,36 @@ def test_epochs_count_from_one_in_checkpoints_summary_steps_and_logs(quick_confi
     assert best["epoch"] == summary["selected_epoch"] == saved[-1] and 1 <= best["epoch"] <= 3
     accuracies = dict(epoch_metrics(client, run_id, "val/acc_mean"))
     assert list(accuracies) == [1, 2, 3] and accuracies[best["epoch"]] == max(accuracies.values())
+    assert set(summary) == set(predicted[0])  # optimized_metric is checked against these before training
+    for key in ("selected/val/acc_mean", "selected/test/acc/rot30"):  # on the step they describe
+        assert epoch_metrics(client, run_id, key) == [(best["epoch"], summary[key])]
+    for key in ("last/val/acc_mean", "last/test/acc/rot30"):
+        assert epoch_metrics(client, run_id, key) == [(3, summary[key])]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in logged] == ["epoch 1", "epoch 2", "epoch 3"]
     assert f"val/acc_mean={accuracies[best['epoch']]:.4f}" in logged[best["epoch"] - 1]
+
+
+def spy_on_reported_metrics(monkeypatch) -> list[list[str]]:
+    predicted = []
+    reported_metrics = experiment.reported_metrics
+    monkeypatch.setattr(
+        experiment, "reported_metrics", lambda *a: predicted.append(reported_metrics(*a)) or predicted[-1]
+    )
+    return predicted
+
+
+def test_an_averaged_run_logs_the_summary_it_promised_at_the_end_of_training(quick_config, tmp_path, monkeypatch):
+    predicted = spy_on_reported_metrics(monkeypatch)
+    run(quick_config("epochs=2", "averaging=swad", "averaging.n_converge=1", "averaging.n_tolerance=2"))
+    client, (record,) = only_run(tmp_path)
+    run_id = record.info.run_id
+    summary = json.loads(Path(client.download_artifacts(run_id, "summary.json", str(tmp_path))).read_text())
+    assert set(summary) == set(predicted[0]) and "averaged/mask/fc/iou_mean" in summary
+    assert epoch_metrics(client, run_id, "selected/val/acc_mean") == [(2, summary["selected/val/acc_mean"])]
+    assert epoch_metrics(client, run_id, "averaged/first_epoch") == [(2, summary["averaged/first_epoch"])]
+    online = summary["selected_epoch"]
+    assert epoch_metrics(client, run_id, "online/val/acc_mean") == [(online, summary["online/val/acc_mean"])]
 
 
 def test_a_checkpoint_written_with_epochs_from_zero_loads_counted_from_one(tmp_path):

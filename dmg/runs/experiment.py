@@ -35,6 +35,7 @@ from dmg.runs.summary import (
     mask_overlap_figure,
     print_summary,
     summarize,
+    summary_by_step,
     summary_keys,
 )
 from dmg.runs.tracking import Tracker, finished_run, git_commit
@@ -310,7 +311,8 @@ def finish_run(
     neither. The local checkpoints are deleted afterwards: a finished run's models live in MLflow only.
     """
     tracker.log_dict(summary, "summary.json")
-    tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
+    for step, metrics in summary_by_step(summary).items():
+        tracker.log_metrics(metrics, step)
     checkpoints.load_best(method)
     for layer, iou in method.mask_overlaps().items():
         tracker.log_figure(mask_overlap_figure(iou, sources, layer), f"masks/iou_{layer}.png")

@@ -37,6 +37,20 @@ def summarize(history: list[Metrics], averaged: Metrics | None = None) -> dict[s
     return summary
 
 
+def summary_by_step(summary: dict[str, float]) -> dict[int, dict[str, float]]:
+    """The summary metrics grouped by the epoch (MLflow step) each one describes: ``selected/`` (without averaging)
+    and ``online/`` the selected epoch, ``last/`` the last one, and the averaged model (``selected/`` and
+    ``averaged/`` with averaging) the end of training, when the average is taken."""
+    averaged = "online/val/acc_mean" in summary
+    steps = {"last": summary["epochs"], "online": summary["selected_epoch"], "averaged": summary["epochs"]}
+    steps["selected"] = summary["epochs"] if averaged else summary["selected_epoch"]
+    grouped: dict[int, dict[str, float]] = {}
+    for key, value in summary.items():
+        if "/" in key:
+            grouped.setdefault(steps[key.split("/")[0]], {})[key] = value
+    return grouped
+
+
 def summary_keys(evaluated: list[str], averaged: list[str] | None = None) -> list[str]:
     """The keys :func:`summarize` gives for epochs that log ``evaluated`` (and an averaged model logging
     ``averaged``): the metrics a run can report as its ``optimized_metric``, known before it trains."""
