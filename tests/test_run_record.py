@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dmg.commands.report import setting
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.loop import train_epoch
 from dmg.runs import experiment
@@ -71,6 +72,15 @@ def test_epochs_count_from_one_in_checkpoints_summary_steps_and_logs(quick_confi
         assert epoch_metrics(client, run_id, key) == [(best["epoch"], summary[key])]
     for key in ("last/val/acc_mean", "last/test/acc/rot30"):
         assert epoch_metrics(client, run_id, key) == [(3, summary[key])]
+    curated = {key: value for key, value in record.data.params.items() if key.startswith("hp/")}
+    assert {
+        "hp/method": "dmg",
+        "hp/target": "rot30",
+        "hp/seed": "0",
+        "hp/overlap_lambda": "0.1",
+    }.items() <= curated.items()
+    assert curated["hp/optimizer.lr"] == record.data.params["optim.network.lr"] and len(curated) < 40
+    assert setting(record.data.params) == setting({k: v for k, v in record.data.params.items() if k not in curated})
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in logged] == ["epoch 1", "epoch 2", "epoch 3"]
     assert f"val/acc_mean={accuracies[best['epoch']]:.4f}" in logged[best["epoch"] - 1]

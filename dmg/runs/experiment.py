@@ -38,7 +38,7 @@ from dmg.runs.summary import (
     summary_by_step,
     summary_keys,
 )
-from dmg.runs.tracking import Tracker, finished_run, git_commit
+from dmg.runs.tracking import Tracker, finished_run, flatten, git_commit
 from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def train_and_track(
     and rerunning the command continues it from its last checkpoint.
     """
     tags = run_tags(cfg, splits.targets) | compute_tags
-    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
+    curated = curated_params(cfg, splits)
+    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated)
     checkpoints = Checkpointer(tracker.directory)
     try:
         history = checkpoints.restore(method, averaging)
@@ -280,6 +281,19 @@ def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
     }
     commit = git_commit()
     return tags | ({"mlflow.source.git.commit": commit} if commit else {}) | sweep_tags(cfg.tracking)
+
+
+def curated_params(cfg: DictConfig, splits: DomainSplits) -> dict[str, str]:
+    """The short list of params to compare runs by, under ``hp/``: the data, the backbone, and the method's knobs as
+    the method receives them (its own options, optimisers and schedule; DMG's mask initialisation), and the weight
+    averaging's. The full config stays in the params and in ``config.yaml``."""
+    data = {"dataset": cfg.dataset.name, "target": "+".join(splits.targets), "sources": "+".join(splits.sources)}
+    data |= {key: cfg[key] for key in ("seed", "epochs", "batch_size", "sampler")}
+    data |= {"backbone": cfg.backbone.name, "pretrained": cfg.backbone.get("pretrained", False)}
+    data |= {"method": method_label(cfg)}
+    knobs = {key: value for key, value in group_options(cfg.method).items() if key not in ("input_shape", "_target_")}
+    averaging = {f"averaging.{key}": value for key, value in group_options(cfg.averaging).items() if key != "_target_"}
+    return {f"hp/{key}": value for key, value in flatten(data | knobs | averaging) if not key.endswith(".partial")}
 
 
 def dataset_input(cfg: DictConfig, splits: DomainSplits) -> DatasetInput:
