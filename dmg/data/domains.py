@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from dmg.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a config check imports this module, and need not wait for it
+    import torch
+    from torch.utils.data import Dataset
 
 TARGET_DOMAIN_INDEX = -1
 
@@ -66,6 +68,8 @@ def _names(value: str | int | Sequence[str]) -> list[str]:
 
 def split_indices(count: int, holdout_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random ``(keep, holdout)`` split of ``range(count)``; the holdout has ``round(count * fraction)`` items."""
+    import torch
+
     if not 0.0 < holdout_fraction < 1.0:
         raise UserError(f"holdout fraction must be strictly between 0 and 1, got {holdout_fraction}")
     order = torch.randperm(count, generator=generator)

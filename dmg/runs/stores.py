@@ -16,14 +16,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy
-from mlflow.tracking import MlflowClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from dmg.errors import SetupError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +221,8 @@ def file_system_type(path: Path, mounts: Path = MOUNTS) -> str | None:
 
 def mlflow_client(uri: str) -> MlflowClient:
     """A client whose store exists and is migrated; a new SQLite store is created whole, under the lock beside it."""
+    from mlflow.tracking import MlflowClient  # seconds to import: only where a store is opened
+
     try:
         with store_lock(uri):
             create_sqlite_atomically(uri, _create_mlflow_tables)
