@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from math import nan
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmg.commands.report import setting
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.loop import train_epoch
+from dmg.errors import NonFiniteLossError
+from dmg.methods.aggregate import Aggregate
 from dmg.runs import experiment
 from dmg.runs.experiment import run
 from tests.test_run import epoch_metrics, only_run, run_interrupted_after_epoch
@@ -133,3 +137,19 @@ def test_the_learning_rate_of_an_epoch_is_the_one_its_last_step_used():
         assert first[f"lr/{name}"] == 1e-4 * (1 + 1e-4 * 2) ** -0.75
         assert second[f"lr/{name}"] == 1e-4 * (1 + 1e-4 * 5) ** -0.75
         assert method.learning_rates()[name] == 1e-4 * (1 + 1e-4 * 6) ** -0.75  # the next step's, not logged
+
+
+def test_a_run_that_ends_before_its_first_checkpoint_leaves_no_folder(quick_config, tmp_path, monkeypatch):
+    objective = Aggregate.objective
+    monkeypatch.setattr(Aggregate, "objective", lambda self, *batch: {"loss": objective(self, *batch)["loss"] * nan})
+    with pytest.raises(NonFiniteLossError):
+        run(quick_config("epochs=2", "method=aggregate"))
+    monkeypatch.undo()
+    save = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(quick_config("epochs=2", "method=aggregate", "seed=1"))
+    monkeypatch.setattr(Checkpointer, "save", save)
+    _, runs = only_run(tmp_path)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [".locks"]  # no lock-only run folders

@@ -258,7 +258,12 @@ class RunLock:
             return "another process"
 
     def release(self) -> None:
+        """Unlock. A folder that holds nothing but the lock (the run ended before its first checkpoint) is removed
+        first, while still locked: a failed or interrupted run leaves no empty folder behind."""
         if self._file:
+            if [path.name for path in self.directory.iterdir()] == ["lock"]:
+                (self.directory / "lock").unlink()
+                self.directory.rmdir()
             self._file.close()
             self._file = None
 

@@ -42,6 +42,12 @@ class Preflight(Callback):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        """A single run's settings, checked before Hydra creates its output folder: bad input leaves nothing."""
+        with exit_on_user_error():
+            check_overrides(config, list(config.hydra.overrides.task), config.hydra.job.config_name)
+            check_settings(config)
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
             overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
