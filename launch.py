@@ -4,7 +4,9 @@ python launch.py                                   # DMG on the embedded Rotated
 python launch.py method=aggregate target=rot0 optim.lr=3e-4
 """
 
+import atexit
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,23 +18,43 @@ from omegaconf import DictConfig
 
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import Terminated, UserError
-from dmg.runs.experiment import run
-from dmg.runs.settings import check_overrides
+from dmg.runs.settings import check_overrides, check_settings
 
 log = logging.getLogger("dmg")
 
 
 def task(cfg: DictConfig) -> float:
-    """One job: check the command line against the config's defaults, then run. Bad input is one line, exit 1."""
+    """One job: check the command line against the config's defaults, then run. Bad input is one line, exit 1.
+
+    The settings are checked before torch, torchvision and MLflow are imported (seconds), so that a mistake is
+    answered at once.
+    """
     job = HydraConfig.get()
     try:
         check_overrides(cfg, job.overrides.task, job.job.config_name)
+        check_settings(cfg)
+        from dmg.runs.experiment import run
+
         return run(cfg)
     except UserError as error:
         if job.mode == RunMode.MULTIRUN:
             raise  # the sweeper records it; Hydra prints it on one line
         log.error("error: %s", error)
         sys.exit(1)
+
+
+def exit_now(code: int) -> None:
+    """End a process that stops early (bad input, a run in progress, SIGTERM, Ctrl-C) once everything is written.
+
+    The ``atexit`` handlers run (the sweep's, MLflow's, multiprocessing's: they end runs and stop loader workers),
+    logs and output are flushed; the interpreter's teardown of torch, MLflow and the other modules is skipped: it
+    holds a stopped process up for seconds (14 s on a busy 2-core machine) and writes nothing.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 main = hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="config")(task)
@@ -42,6 +64,10 @@ if __name__ == "__main__":
         with sigterm_raises():
             main()
     except KeyboardInterrupt:
-        sys.exit(128 + signal.SIGINT)
+        exit_now(128 + signal.SIGINT)
     except Terminated:
-        sys.exit(128 + signal.SIGTERM)
+        exit_now(128 + signal.SIGTERM)
+    except SystemExit as stop:
+        if isinstance(stop.code, int) and stop.code:
+            exit_now(stop.code)
+        raise

@@ -37,6 +37,14 @@ BAD_INPUT = [
     (["target=15"], "unknown domain '15'"),
     (["target=[]"], "no target domain given"),
     (["target=rot30", "sources=[rot0,rot30]"], "rot30 also listed as source: a target must be unseen"),
+    (["sources=[rot0,rot0,rot15]"], "sources names rot0 more than once: list each domain once"),
+    (["target=[rot30,rot30]"], "target names rot30 more than once: list each domain once"),
+    (
+        ["optimized_metric=val/acc"],
+        "optimized_metric must be a summary metric this run logs, got 'val/acc'; did you mean selected/val/acc/rot0?",
+    ),
+    (["method=aggregate", "optimized_metric=selected/test/acc/rot99"], "it logs selected/val/acc/rot0, selected/"),
+    (["averaging=swad", "optimized_metric=averaged/first_epochs"], "did you mean averaged/first_epoch?"),
     (["backbone.mask_layers=[conv9]"], "unknown layer 'conv9': this backbone's layers are conv1, pool1"),
     (["backbone.mask_layers=[fc,fc]"], "mask_layers must name distinct layers"),
     (["backbone.mask_layers=fc"], "backbone.mask_layers must be a list such as [a,b] (default: [conv3, fc]), got 'fc'"),
@@ -46,6 +54,7 @@ BAD_INPUT = [
         "weights file /nonexistent/resnet18.pth not found",
     ),
     (["backbone=resnet18", "backbone.weights={files}/garbage.pth"], "could not be read as a PyTorch state_dict"),
+    (["backbone=resnet18", "backbone.weights={files}"], "backbone.weights={files}: {files} is a folder; name the"),
     (
         ["backbone=resnet50", "backbone.weights={files}/resnet18.pth"],
         "does not fit resnet50: 198 of the 320 keys it needs are missing, 0 unexpected, 24 of another shape; "
@@ -107,6 +116,16 @@ BAD_INPUT = [
         "cannot create files in {files}/a_file; use a writable folder",
     ),
     (["tracking.uri=sqlite:///{files}"], "is a folder; name a database file, e.g. sqlite:///mlflow.db"),
+    (
+        ["tracking.uri=mlflow.db"],
+        "tracking.uri=mlflow.db: a plain path is MLflow's retired file store, not a database; "
+        "for SQLite write sqlite:///mlflow.db",
+    ),
+    (
+        ["tracking.uri=sqlite://mlflow.db"],
+        "tracking.uri=sqlite://mlflow.db: not the form of a SQLite URI; expected sqlite:///mlflow.db (three slashes "
+        "before a relative path, four before an absolute one)",
+    ),
     (["tracking.uri=http://127.0.0.1:9"], "tracking.uri=http://127.0.0.1:9: no MLflow server answers there"),
     (["tracking.uri=postgresql://user@localhost/db"], "the database driver is not installed"),
 ]

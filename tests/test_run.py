@@ -171,7 +171,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint_and_fails_the_run(quick_conf
     assert runs[0].info.status == "FAILED"
     last = torch.load(tmp_path / "checkpoints" / runs[0].info.run_id / "last.pt", weights_only=False)
     assert not list((tmp_path / "checkpoints" / runs[0].info.run_id).glob("*.tmp"))
-    assert last["epoch"] == 0 and len(last["history"]) == 1  # epoch 1 ran 13 finite steps
+    assert last["epoch"] == 1 and len(last["history"]) == 1  # epoch 1 ran 13 finite steps
     assert all(torch.isfinite(value).all() for value in last["model"].values() if value.is_floating_point())
 
 

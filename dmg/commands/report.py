@@ -107,7 +107,8 @@ def run_frame(
 def setting(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The run's config minus what varies from cell to cell (seed, target) and bookkeeping: runs with equal
     settings are seeds and targets of one experiment."""
-    return tuple(sorted((key, value) for key, value in params.items() if key.split(".")[0] not in PER_CELL))
+    per_run = [key for key in params if key.split(".")[0] in PER_CELL or key.startswith("hp/")]  # hp/: a digest
+    return tuple(sorted((key, value) for key, value in params.items() if key not in per_run))
 
 
 def label_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from dmg.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a config check imports this module, and need not wait for it
+    import torch
+    from torch.utils.data import Dataset
 
 TARGET_DOMAIN_INDEX = -1
 
@@ -36,12 +38,16 @@ def choose_domains(
 
     Returns ``(sources, targets)`` in the dataset's domain order.
     """
-    targets = [str(name) for name in ([target] if isinstance(target, (str, int, float)) else target)]
+    targets = _names(target)
     known = ", ".join(domains)
-    sources = None if sources is None else [str(name) for name in sources]
+    sources = None if sources is None else _names(sources)
     for name in targets + (sources or []):
         if name not in domains:
             raise UserError(f"unknown domain {name!r}: this dataset's domains are {known}")
+    for key, names in (("target", targets), ("sources", sources or [])):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UserError(f"{key} names {', '.join(repeated)} more than once: list each domain once")
     if not targets:
         raise UserError(f"no target domain given: choose target= one of {known}")
     if sources is None:
@@ -55,8 +61,15 @@ def choose_domains(
     return ordered(sources), ordered(targets)
 
 
+def _names(value: str | int | Sequence[str]) -> list[str]:
+    """``target``/``sources`` as a list of names: one name (``target=c``) or a list (``target=[a,b]``)."""
+    return [str(name) for name in ([value] if isinstance(value, (str, int, float)) else value)]
+
+
 def split_indices(count: int, holdout_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random ``(keep, holdout)`` split of ``range(count)``; the holdout has ``round(count * fraction)`` items."""
+    import torch
+
     if not 0.0 < holdout_fraction < 1.0:
         raise UserError(f"holdout fraction must be strictly between 0 and 1, got {holdout_fraction}")
     order = torch.randperm(count, generator=generator)

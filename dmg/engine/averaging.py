@@ -38,6 +38,7 @@ class NoAveraging:
     """``averaging=none``: the online model is the one reported."""
 
     bn_batches = 0
+    summary_keys: tuple[str, ...] = ()  # what ``summary`` returns; none: the online model is reported
 
     def after_step(self, method: nn.Module) -> None:
         pass
@@ -127,6 +128,8 @@ class LossValley:
 
 class SWAD(NoAveraging):
     """Dense weight averaging over the loss valley of the in-domain validation loss (see the module docstring)."""
+
+    summary_keys = ("first_epoch", "last_epoch", "epochs", "converged")
 
     def __init__(self, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3, bn_batches: int = 500):
         for key, value in (("n_converge", n_converge), ("n_tolerance", n_tolerance), ("bn_batches", bn_batches)):

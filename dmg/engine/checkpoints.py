@@ -7,6 +7,7 @@ or from scratch; it never blocks the config.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from dmg.errors import SetupError
 from dmg.methods.base import Method
 
 log = logging.getLogger(__name__)
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
 os.umask(UMASK)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, over the process's file-size limit
 
 
 class Checkpointer:
@@ -33,17 +36,18 @@ class Checkpointer:
 
     def save(self, method: Method, history: list[dict], is_best: bool, averaging=None) -> None:
         """``averaging``: a weight-averaging state (``state_dict``/``load_state_dict``) that continues on resume."""
-        epoch = len(history) - 1
+        epoch = len(history)  # the epoch just ended, counted from 1
         if is_best:
             self.save_best(method, epoch)
-        state = {"epoch": epoch, "model": method.state_dict(), "training": method.training_state(), "history": history}
+        state = {"model": method.state_dict(), "training": method.training_state(), "history": history}
+        state |= {"epoch": epoch, "epochs_from": 1}
         if averaging is not None:
             state["averaging"] = averaging.state_dict()
         _atomic_save(state, self.last, keep_as=self.previous)
 
     def save_best(self, method: Method, epoch: int) -> None:
-        """The selected model's weights (the best epoch's, or the averaged ones)."""
-        _atomic_save({"epoch": epoch, "model": method.state_dict()}, self.best)
+        """The selected model's weights (the best epoch's, or the averaged ones); ``epoch`` counts from 1."""
+        _atomic_save({"epoch": epoch, "epochs_from": 1, "model": method.state_dict()}, self.best)
 
     def restore(self, method: Method, averaging=None) -> list[dict]:
         """Load the newest readable checkpoint into ``method`` (and ``averaging``); returns the metrics history so far
@@ -63,8 +67,8 @@ class Checkpointer:
         return state["history"]
 
     def load_best(self, method: Method) -> int:
-        """Load the selected epoch's weights into ``method``; returns that epoch."""
-        state = torch.load(self.best, map_location="cpu", weights_only=True)
+        """Load the selected epoch's weights into ``method``; returns that epoch (counted from 1)."""
+        state = one_based(torch.load(self.best, map_location="cpu", weights_only=True))
         method.load_state_dict(state["model"])
         return state["epoch"]
 
@@ -78,12 +82,20 @@ class Checkpointer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def one_based(state: dict) -> dict:
+    """A checkpoint's ``epoch`` counted from 1, as every checkpoint since ``epochs_from`` was added; the ones
+    written before it counted from 0."""
+    if "epochs_from" not in state:
+        state = state | {"epoch": state["epoch"] + 1, "epochs_from": 1}
+    return state
+
+
 def _read(path: Path) -> dict | None:
     """A checkpoint's content, or None (with a warning naming the file) if it is missing or cannot be read."""
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return one_based(torch.load(path, map_location="cpu", weights_only=False))
     except Exception as error:  # noqa: BLE001 - torch and pickle raise many types for a damaged file
         log.warning("checkpoint %s cannot be read (%s: %s)", path, type(error).__name__, error)
         return None
@@ -105,6 +117,21 @@ def _atomic_save(obj: dict, path: Path, keep_as: Path | None = None) -> None:
         if keep_as and path.exists():
             os.replace(path, keep_as)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if full := _disk_full(error):
+            raise SetupError(
+                f"checkpoint_dir: no room to write {path} ({full}): free space there or set checkpoint_dir to "
+                "another disk, then rerun the same command to continue"
+            ) from None
         raise
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What the OS said if ``error`` (or the error it wraps: torch reports a failed write as a RuntimeError) is a
+    full disk, an exhausted quota or a file-size limit; None for any other error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return os.strerror(error.errno)
+        error = error.__cause__ or error.__context__
+    return None

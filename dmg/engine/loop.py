@@ -59,22 +59,22 @@ def fit(
     log_metrics: Callable[[Metrics, int], None],
     progress: bool = True,
     averaging: NoAveraging | None = None,
+    history: list[Metrics] | None = None,
 ) -> list[Metrics]:
     """Train for ``epochs`` epochs (continuing from the last checkpoint if there is one); returns every epoch's metrics.
 
     ``averaging`` (default: none) sees every step and every epoch's validation loss, and is checkpointed.
+    ``history``: the metrics of the epochs the caller already restored from ``checkpoints``; None: restored here.
     """
     averaging = averaging or NoAveraging()
-    history = checkpoints.restore(method, averaging)
-    if history:
-        log.info("resuming after epoch %d of %d", len(history), epochs)
+    if history is None:
+        history = checkpoints.restore(method, averaging)
     loaders.evaluation.set_epoch(seed, 0)  # every epoch evaluates the same images
     for epoch in range(len(history), epochs):
         start_epoch(loaders.train, seed, epoch)
-        losses = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress, averaging)
-        learning_rates = {f"lr/{name}": lr for name, lr in method.learning_rates().items()}  # the ones just used
+        trained = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress, averaging)
         method.end_epoch()
-        metrics = {**losses, **learning_rates, **evaluate(method, loaders), **method.epoch_metrics()}
+        metrics = {**trained, **evaluate(method, loaders), **method.epoch_metrics()}
         averaging.end_epoch(metrics["val/loss_mean"])
         history.append(metrics)
         log.info("epoch %d: %s", epoch + 1, _headline(metrics))
@@ -93,7 +93,8 @@ def start_epoch(train: OnDevice, seed: int, epoch: int) -> None:
 def train_epoch(
     method: Method, loader: OnDevice, label: str, progress: bool, averaging: NoAveraging | None = None
 ) -> Metrics:
-    """One pass over the training data; returns the mean of each loss term.
+    """One pass over the training data; returns the mean of each loss term (``train/<term>``) and the learning
+    rates the epoch's last step used (``lr/<optimiser>``: a per-step schedule has moved on after it).
 
     The loss terms are summed on the device, so the steps never wait for it; the sums are read, and checked
     for a non-finite loss, at the end of the epoch (and every ``PROGRESS_EVERY`` steps while a progress bar
@@ -103,12 +104,15 @@ def train_epoch(
     averaging = averaging or NoAveraging()
     totals = LossTotals(first_step=method.steps + 1)
     bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    rates = method.learning_rates()
     for x, y, d in bar:
+        rates = method.learning_rates()  # read from the optimisers: no device access
         totals.add(method.update(x, y, d))
         averaging.after_step(method)
         if not bar.disable and totals.steps % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{totals.means()['loss']:.3f}", refresh=False)
-    return {f"train/{name}": mean for name, mean in totals.means().items()}
+    losses = {f"train/{name}": mean for name, mean in totals.means().items()}
+    return losses | {f"lr/{name}": rate for name, rate in rates.items()}
 
 
 class LossTotals:
@@ -173,6 +177,14 @@ def evaluate(method: Method, loaders: Loaders) -> Metrics:
     return metrics
 
 
+def evaluation_keys(parts: list[EvaluationPart]) -> list[str]:
+    """The names of the metrics :func:`evaluate` returns for ``parts``."""
+    sources = [part.name for part in parts if part.in_domain]
+    targets = [part.name for part in parts if not part.in_domain]
+    names = [f"val/acc/{name}" for name in sources] + [f"val/loss/{name}" for name in sources]
+    return names + [f"test/acc/{name}" for name in targets] + ["val/acc_mean", "val/loss_mean", "test/acc_mean"]
+
+
 def finish_average(
     method: Method, averaging: NoAveraging, loaders: Loaders, checkpoints: Checkpointer, seed: int, epochs: int
 ) -> Metrics:
@@ -187,7 +199,7 @@ def finish_average(
     start_epoch(loaders.train, seed, epochs)  # the batches of the epoch after the last
     recompute_batch_norm(method, loaders.train, averaging.bn_batches)
     metrics = {**evaluate(method, loaders), **method.epoch_metrics(), **averaging.summary()}
-    checkpoints.save_best(method, epochs - 1)
+    checkpoints.save_best(method, epochs)
     return metrics
 
 

@@ -76,6 +76,10 @@ def _torchvision_model(name: str, pretrained: bool, weights_file: str | None) ->
 
 def _read_weights_file(path: str, name: str) -> dict[str, torch.Tensor]:
     file = Path(os.path.expanduser(path))
+    if file.is_dir():
+        raise UserError(
+            f"backbone.weights={path}: {file} is a folder; name the {name} state_dict file (.pth) inside it"
+        )
     if not file.is_file():
         raise UserError(
             f"backbone weights file {file} not found: backbone.weights must name a {name} state_dict (.pth)"

@@ -23,7 +23,7 @@ from dmg.data.sampling import BATCH_SAMPLERS
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.compute import Compute, is_convolutional, resolve_precision
-from dmg.engine.loop import EvaluationPart, Loaders, finish_average, fit
+from dmg.engine.loop import EvaluationPart, Loaders, evaluation_keys, finish_average, fit
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import BadValue, Terminated, UserError
 from dmg.methods.base import Method
@@ -31,11 +31,14 @@ from dmg.models.staged import InputTooSmall, StagedNetwork
 from dmg.runs.settings import check_settings
 from dmg.runs.summary import (
     active_units_figure,
+    check_optimized_metric,
     mask_overlap_figure,
     print_summary,
     summarize,
+    summary_by_step,
+    summary_keys,
 )
-from dmg.runs.tracking import Tracker, finished_run, git_commit
+from dmg.runs.tracking import Tracker, finished_run, flatten, git_commit
 from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def run(cfg: DictConfig) -> float:
     check_settings(cfg)
     if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
         log.info("run %s already finished with this config: reporting its result", done.info.run_id)
+        check_optimized_metric(cfg.optimized_metric, sorted(done.data.metrics))
         return done.data.metrics[cfg.optimized_metric]
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
@@ -55,6 +59,7 @@ def run(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
     averaging = build_averaging(cfg)
+    check_optimized_metric(cfg.optimized_metric, reported_metrics(splits, method, averaging))
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
@@ -80,12 +85,16 @@ def train_and_track(
     and rerunning the command continues it from its last checkpoint.
     """
     tags = run_tags(cfg, splits.targets) | compute_tags
-    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits))
-    log.info("%s run %s: sources %s, targets %s", "continuing" if tracker.resumed else "starting",
-             tracker.run_id, splits.sources, splits.targets)  # fmt: skip
+    curated = curated_params(cfg, splits)
+    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated)
     checkpoints = Checkpointer(tracker.directory)
     try:
-        history = fit(method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging)
+        history = checkpoints.restore(method, averaging)
+        log.info("%s: sources %s, targets %s", start_line(tracker, len(history), cfg.epochs), splits.sources,
+                 splits.targets)  # fmt: skip
+        history = fit(
+            method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging, history
+        )
         averaged = finish_average(method, averaging, loaders, checkpoints, cfg.seed, len(history))
         summary = summarize(history, averaged)
         finish_run(tracker, method, checkpoints, summary, history, splits.sources, cfg.keep_checkpoints)
@@ -96,6 +105,19 @@ def train_and_track(
         tracker.release()
     checkpoints.remove()
     return summary | {"run_id": tracker.run_id}
+
+
+def start_line(tracker: Tracker, done: int, epochs: int) -> str:
+    """What this attempt does with the run: start it, continue it from its checkpoint, or train it again from
+    epoch 1 (its checkpoint is not here: another machine's ``checkpoint_dir``, or killed before epoch 1 ended)."""
+    run = f"run {tracker.run_id}"
+    if not tracker.resumed:
+        return f"starting {run}"
+    if not done:
+        return f"no checkpoint of {run} here ({tracker.directory}): training it again from epoch 1"
+    if done >= epochs:
+        return f"continuing {run} after its last epoch ({done} of {epochs}): finishing it"
+    return f"continuing {run} from epoch {done + 1} of {epochs} (its checkpoint holds epochs 1-{done})"
 
 
 def end_interrupted(tracker: Tracker, error: BaseException) -> None:
@@ -216,8 +238,7 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
         batch_transform = build(cfg.dataset.transforms[f"{role}_batch"], f"dataset.transforms.{role}_batch")
         return OnDevice(loader, device, batch_transform, channels_last, decoder)
 
-    parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
-    parts += [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]
+    parts = evaluation_parts(splits)
     batches = PartBatches([part.size for part in parts], cfg.eval_batch_size)
     evaluation = concatenate([*splits.val.values(), *splits.test.values()])
     return Loaders(
@@ -235,6 +256,20 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
     )
 
 
+def evaluation_parts(splits: DomainSplits) -> list[EvaluationPart]:
+    """The evaluated domains in the order of the evaluation loader: the sources' validation splits, then the
+    targets' test splits."""
+    parts = [EvaluationPart(name, True, len(data)) for name, data in splits.val.items()]
+    return parts + [EvaluationPart(name, False, len(data)) for name, data in splits.test.items()]
+
+
+def reported_metrics(splits: DomainSplits, method: Method, averaging: NoAveraging) -> list[str]:
+    """The summary metrics the run will log, known before it trains (what ``optimized_metric`` may name)."""
+    evaluated = evaluation_keys(evaluation_parts(splits)) + list(method.epoch_metrics())
+    averaged = evaluated + list(averaging.summary_keys) if averaging.summary_keys else None
+    return summary_keys(evaluated, averaged)
+
+
 def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
     tags = {
         "method": method_label(cfg),
@@ -246,6 +281,19 @@ def run_tags(cfg: DictConfig, targets: list[str]) -> dict[str, str]:
     }
     commit = git_commit()
     return tags | ({"mlflow.source.git.commit": commit} if commit else {}) | sweep_tags(cfg.tracking)
+
+
+def curated_params(cfg: DictConfig, splits: DomainSplits) -> dict[str, str]:
+    """The short list of params to compare runs by, under ``hp/``: the data, the backbone, and the method's knobs as
+    the method receives them (its own options, optimisers and schedule; DMG's mask initialisation), and the weight
+    averaging's. The full config stays in the params and in ``config.yaml``."""
+    data = {"dataset": cfg.dataset.name, "target": "+".join(splits.targets), "sources": "+".join(splits.sources)}
+    data |= {key: cfg[key] for key in ("seed", "epochs", "batch_size", "sampler")}
+    data |= {"backbone": cfg.backbone.name, "pretrained": cfg.backbone.get("pretrained", False)}
+    data |= {"method": method_label(cfg)}
+    knobs = {key: value for key, value in group_options(cfg.method).items() if key not in ("input_shape", "_target_")}
+    averaging = {f"averaging.{key}": value for key, value in group_options(cfg.averaging).items() if key != "_target_"}
+    return {f"hp/{key}": value for key, value in flatten(data | knobs | averaging) if not key.endswith(".partial")}
 
 
 def dataset_input(cfg: DictConfig, splits: DomainSplits) -> DatasetInput:
@@ -277,7 +325,8 @@ def finish_run(
     neither. The local checkpoints are deleted afterwards: a finished run's models live in MLflow only.
     """
     tracker.log_dict(summary, "summary.json")
-    tracker.log_metrics({key: value for key, value in summary.items() if "/" in key}, summary["selected_epoch"])
+    for step, metrics in summary_by_step(summary).items():
+        tracker.log_metrics(metrics, step)
     checkpoints.load_best(method)
     for layer, iou in method.mask_overlaps().items():
         tracker.log_figure(mask_overlap_figure(iou, sources, layer), f"masks/iou_{layer}.png")

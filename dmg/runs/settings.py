@@ -20,20 +20,23 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dmg.data.sampling import SAMPLERS
-from dmg.engine.compute import PRECISIONS
+from dmg.data.domains import choose_domains
 from dmg.errors import BadValue, SetupError, UserError, check_count
 from dmg.runs.stores import check_store_uri
 
 RESUME_MODES = ("auto", "skip_finished", "never")
 KEEP_CHECKPOINTS = ("selected", "all", "none")
+DOMAIN_KEYS = ("target", "sources")  # one domain name or a list of names, whatever the dataset's default looks like
 COUNTS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "num_workers": 0}
-CHOICES = {
-    "resume": RESUME_MODES,
-    "keep_checkpoints": KEEP_CHECKPOINTS,
-    "sampler": SAMPLERS,
-    "precision": PRECISIONS,
-}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The keys that take one of a few names; the samplers and precisions are read from the modules that
+    implement them (imported here, not at the top: they import torch, seconds that a typo elsewhere need not wait)."""
+    from dmg.data.sampling import SAMPLERS
+    from dmg.engine.compute import PRECISIONS
+
+    return {"resume": RESUME_MODES, "keep_checkpoints": KEEP_CHECKPOINTS, "sampler": SAMPLERS, "precision": PRECISIONS}
 
 
 def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str = "config") -> None:
@@ -46,7 +49,7 @@ def check_overrides(cfg: DictConfig, overrides: Sequence[str], config_name: str 
         where = f"the keys of {key.rpartition('.')[0]}" if "." in key else "the top-level keys"
         raise UserError(f"unknown setting {key!r}: {hint}{where} are {', '.join(known)}")
     for key, default, value in _leaves(reference, cfg):
-        problem = type_problem(default, value)
+        problem = domains_problem(value) if key in DOMAIN_KEYS else type_problem(default, value)
         if problem:
             raise BadValue(key, f"{problem} (default: {_show(default)})", value)
 
@@ -112,6 +115,14 @@ def type_problem(default: Any, value: Any) -> str | None:
     return None  # strings and anything else: checked by the code that uses them
 
 
+def domains_problem(value: Any) -> str | None:
+    """What is wrong with a ``target`` or ``sources`` value: one name (``target=c``) and a list (``[a,b]``) both fit."""
+    names = value if isinstance(value, (list, ListConfig)) else [value]
+    if all(isinstance(name, (str, int)) and not isinstance(name, bool) for name in names):
+        return None
+    return "one domain name or a list of names such as [a,b]"
+
+
 def _show(value: Any) -> str:
     """A default as the command line writes it: ``0.001``, ``[conv3, fc]``."""
     if isinstance(value, ListConfig):
@@ -125,11 +136,24 @@ def check_settings(cfg: DictConfig) -> None:
     """Ranges of the top-level settings, then whether the checkpoint folder and tracking store are usable."""
     for key, least in COUNTS.items():
         check_count(key, cfg[key], least)
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            raise BadValue(key, f"one of {', '.join(choices)}", cfg[key])
+    for key, names in (("resume", RESUME_MODES), ("keep_checkpoints", KEEP_CHECKPOINTS)):
+        if cfg[key] not in names:
+            raise BadValue(key, f"one of {', '.join(names)}", cfg[key])
+    check_listed_domains(cfg)
     check_writable_folder(cfg.checkpoint_dir, "checkpoint_dir")
     check_store_uri(str(cfg.tracking.uri), "tracking.uri")
+    for key, names in choices().items():
+        if cfg[key] not in names:
+            raise BadValue(key, f"one of {', '.join(names)}", cfg[key])
+
+
+def check_listed_domains(cfg: DictConfig) -> None:
+    """The target and source names, where the dataset's config lists its domains (``dataset.domains``: a list, or a
+    mapping of names to folders); others (Rotated MNIST's angles, an image folder's subfolders) are checked when the
+    dataset is built."""
+    domains = cfg.dataset.get("domains")
+    if isinstance(domains, (ListConfig, DictConfig)):
+        choose_domains([str(name) for name in domains], cfg.target, cfg.sources)
 
 
 def check_writable_folder(path: str | os.PathLike, key: str) -> None:

@@ -16,14 +16,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy
-from mlflow.tracking import MlflowClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from dmg.errors import SetupError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
 ADVISORY_LOCK_KEY = 0x646D6773  # "dmgs": the PostgreSQL advisory lock held while a store is created or migrated
 MOUNTS = Path("/proc/mounts")
-USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000, postgresql://user@host/db or file:./mlruns"
+USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000 or postgresql://user@host/db"
+SQLITE_FORM = "sqlite:///mlflow.db (three slashes before a relative path, four before an absolute one)"
 
 
 def scheme(uri: str) -> str:
@@ -110,11 +114,26 @@ def check_store_uri(uri: str, key: str, timeout: float = 5.0) -> None:
         _check_server(uri, key, timeout)
     elif kind in DATABASE_SCHEMES:
         _check_database(uri, key, timeout)
-    elif kind != "file":
+    elif kind == "file":
+        _check_plain_path(uri, key)
+    else:
         raise SetupError(f"{key}={uri}: unknown store scheme {kind!r}; expected {USAGE}")
 
 
+def _check_plain_path(uri: str, key: str) -> None:
+    """A path without ``sqlite:///`` (``mlflow.db``) is not a database to MLflow but its retired file store."""
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return  # the user opted in to MLflow's file store (a folder of runs)
+    path = uri.removeprefix("file://").removeprefix("file:")
+    raise SetupError(
+        f"{key}={uri}: a plain path is MLflow's retired file store, not a database; for SQLite write sqlite:///{path}"
+    )
+
+
 def _check_sqlite(uri: str, key: str) -> None:
+    rest = uri.split(":", 1)[1]
+    if rest != "//" and not rest.startswith("///"):  # sqlite://mlflow.db: the file name sits where a host would
+        raise SetupError(f"{key}={uri}: not the form of a SQLite URI; expected {SQLITE_FORM}")
     database = sqlite_file(uri)
     if database is None:
         raise SetupError(f"{key}={uri}: an in-memory database keeps nothing; expected {USAGE}")
@@ -202,6 +221,8 @@ def file_system_type(path: Path, mounts: Path = MOUNTS) -> str | None:
 
 def mlflow_client(uri: str) -> MlflowClient:
     """A client whose store exists and is migrated; a new SQLite store is created whole, under the lock beside it."""
+    from mlflow.tracking import MlflowClient  # seconds to import: only where a store is opened
+
     try:
         with store_lock(uri):
             create_sqlite_atomically(uri, _create_mlflow_tables)

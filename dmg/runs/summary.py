@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import matplotlib
 
 matplotlib.use("Agg")  # runs write PNG files; no display needed
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dmg.engine.loop import Metrics, selected_epoch
+from dmg.errors import BadValue
 
 
 def summarize(history: list[Metrics], averaged: Metrics | None = None) -> dict[str, float]:
@@ -32,6 +35,50 @@ def summarize(history: list[Metrics], averaged: Metrics | None = None) -> dict[s
     if averaged:
         summary.update({f"averaged/{key}": value for key, value in averaged.items() if "/acc" not in key})
     return summary
+
+
+def summary_by_step(summary: dict[str, float]) -> dict[int, dict[str, float]]:
+    """The summary metrics grouped by the epoch (MLflow step) each one describes: ``selected/`` (without averaging)
+    and ``online/`` the selected epoch, ``last/`` the last one, and the averaged model (``selected/`` and
+    ``averaged/`` with averaging) the end of training, when the average is taken."""
+    averaged = "online/val/acc_mean" in summary
+    steps = {"last": summary["epochs"], "online": summary["selected_epoch"], "averaged": summary["epochs"]}
+    steps["selected"] = summary["epochs"] if averaged else summary["selected_epoch"]
+    grouped: dict[int, dict[str, float]] = {}
+    for key, value in summary.items():
+        if "/" in key:
+            grouped.setdefault(steps[key.split("/")[0]], {})[key] = value
+    return grouped
+
+
+def summary_keys(evaluated: list[str], averaged: list[str] | None = None) -> list[str]:
+    """The keys :func:`summarize` gives for epochs that log ``evaluated`` (and an averaged model logging
+    ``averaged``): the metrics a run can report as its ``optimized_metric``, known before it trains."""
+    shape = dict.fromkeys(evaluated, 0.0)
+    return list(summarize([shape], dict.fromkeys(averaged, 0.0) if averaged is not None else None))
+
+
+def check_optimized_metric(name: str, known: list[str]) -> None:
+    """One line naming ``optimized_metric`` unless the run will log ``name`` among its summary metrics ``known``."""
+    if name in known:
+        return
+    selected = [key for key in known if key.startswith("selected/")]
+    close = _closest(name, known)
+    hint = f"did you mean {close}? " if close else ""
+    others = sorted({key.split("/")[0] + "/..." for key in known if "/" in key} - {"selected/..."})
+    listing = f"it logs {', '.join(selected)}, and {', '.join(others)} (see its summary.json)"
+    raise BadValue("optimized_metric", "a summary metric this run logs", name, hint + listing)
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    """The known key most like ``name``, compared whole and without its ``selected/``-like prefix; the first of
+    equals (``selected/`` before ``last/``)."""
+
+    def likeness(key: str) -> float:
+        return max(difflib.SequenceMatcher(None, name, text).ratio() for text in (key, key.partition("/")[2]))
+
+    best = max(known, key=likeness)
+    return best if likeness(best) >= 0.6 else None
 
 
 def print_summary(summary: dict[str, float], sources: list[str], targets: list[str], title: str) -> None:

@@ -106,9 +106,16 @@ class Tracker:
 
     @classmethod
     def start(
-        cls, cfg: DictConfig, tags: dict[str, str], checkpoint_root: Path, dataset: DatasetInput | None = None
+        cls,
+        cfg: DictConfig,
+        tags: dict[str, str],
+        checkpoint_root: Path,
+        dataset: DatasetInput | None = None,
+        curated: Mapping[str, str] | None = None,
     ) -> Tracker:
         """Continue the interrupted run of this exact config (``resume`` auto/skip_finished) or start a new one.
+
+        ``curated``: params logged beside the flattened config (``hp/...``, the ones to compare runs by).
 
         Raises :class:`RunInProgress` when a live process holds that run. Finding or creating the run is done
         under a lock per config, so two identical commands started together never make two runs.
@@ -131,7 +138,7 @@ class Tracker:
         if tracker.resumed:  # the tags of this attempt: host, pid, parent run and trial
             client.log_batch(tracker.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         logged = client.get_run(tracker.run_id) if tracker.resumed else None  # what a killed attempt got to log
-        tracker.log_config(cfg, known=logged.data.params if logged else {})
+        tracker.log_config(cfg, known=logged.data.params if logged else {}, curated=curated or {})
         if dataset and not (logged and logged.inputs.dataset_inputs):
             client.log_inputs(tracker.run_id, datasets=[dataset])
         return tracker
@@ -169,9 +176,11 @@ class Tracker:
         """This run's local folder (checkpoints)."""
         return self.lock.directory
 
-    def log_config(self, cfg: DictConfig, known: Mapping[str, str]) -> None:
-        """The resolved config as params (but the ``known`` ones, already logged) and as ``config.yaml``."""
+    def log_config(self, cfg: DictConfig, known: Mapping[str, str], curated: Mapping[str, str] = {}) -> None:  # noqa: B006
+        """The resolved config as params, with the ``curated`` ones (but the ``known`` ones, already logged), and as
+        ``config.yaml``."""
         params = [Param(key, value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))]
+        params += [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in curated.items()]
         params = [param for param in params if param.key not in known]
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
@@ -249,7 +258,12 @@ class RunLock:
             return "another process"
 
     def release(self) -> None:
+        """Unlock. A folder that holds nothing but the lock (the run ended before its first checkpoint) is removed
+        first, while still locked: a failed or interrupted run leaves no empty folder behind."""
         if self._file:
+            if [path.name for path in self.directory.iterdir()] == ["lock"]:
+                (self.directory / "lock").unlink()
+                self.directory.rmdir()
             self._file.close()
             self._file = None
 

@@ -22,14 +22,12 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
 from dmg.engine import signals
 from dmg.errors import UserError
 from dmg.runs.settings import check_overrides, check_settings
 from dmg.runs.stores import mlflow_client, store_lock
-from dmg.runs.tracking import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,12 @@ class Preflight(Callback):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        """A single run's settings, checked before Hydra creates its output folder: bad input leaves nothing."""
+        with exit_on_user_error():
+            check_overrides(config, list(config.hydra.overrides.task), config.hydra.job.config_name)
+            check_settings(config)
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
             overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
@@ -51,6 +55,8 @@ class Preflight(Callback):
             check_overrides(config, fixed, config.hydra.job.config_name)
             check_settings(config)
             check_sweeper(config.hydra.sweeper)
+            from dmg.runs.tracking import experiment_id  # MLflow: seconds to import, only when a multirun starts
+
             experiment_id(mlflow_client(self.tracking_uri), self.experiment)
 
 
@@ -89,6 +95,8 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
             self.client = mlflow_client(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs
+        from dmg.runs.tracking import experiment_id  # MLflow: seconds to import, only when a sweep starts
+
         self.run_id = self.find_or_create(experiment_id(self.client, self.experiment))
         os.environ[PARENT_RUN_ENV] = self.run_id
         atexit.register(self.end_unfinished)
@@ -108,6 +116,8 @@ class SweepParentRun(Callback):
             return self.client.create_run(experiment, run_name=f"sweep-{self.study}", tags=tags).info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mlflow.entities import Metric
+
         os.environ.pop(PARENT_RUN_ENV, None)
         results = OmegaConf.to_container(OmegaConf.load(self.results_file))
         for name, value in results["best_params"].items():
