@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # the README's URLs name MLflow's default address; the tests serve on a free port
 README_ADDRESS = "http://127.0.0.1:5000"
-CLICK_TIMEOUT_MS = 20_000  # a deadline that catches a click nothing answers, not a speed requirement
+CLICK_TIMEOUT_MS = 60_000  # a deadline that catches a click nothing answers (a busy machine renders slowly)
 MAX_PICTURE_BYTES = 300_000
 
 
@@ -256,6 +256,7 @@ def run_charts_picture(page, base_url: str, experiment_id: str, run_name: str, f
     page.get_by_text("Model metrics", exact=True).click()
     page.get_by_placeholder("Search metric charts").fill("^(train/loss|val/acc_mean|test/acc_mean)$")
     page.get_by_text("acc_mean", exact=True).first.wait_for(state="visible")
+    page.locator(".js-plotly-plot").first.get_by_text("Step").wait_for(state="visible")  # drawn, not loading
     return picture(page, folder / "run-charts.png")
 
 
