@@ -36,3 +36,12 @@ def isolated(tmp_path) -> list[str]:
 def quick_config(isolated):
     """Compose a quick, isolated run config; extra overrides win."""
     return lambda *overrides: compose_config(QUICK + isolated + list(overrides))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--screenshots",
+        metavar="FOLDER",
+        help="tests/test_mlflow_ui.py writes its MLflow UI pictures there (docs/images for the docs) instead of a "
+        "temporary folder",
+    )
