@@ -185,11 +185,7 @@ def end_interrupted(tracker: Tracker, error: BaseException) -> None:
 def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
     """``auto``: CUDA when present, otherwise the CPU; under DDP ``auto`` and ``cuda`` mean ``cuda:<local rank>``."""
     try:
-        name = distributed.device_for(name, ranks or Ranks())
-    except (RuntimeError, TypeError):
-        raise BadValue("device", "auto, cpu, cuda or cuda:N", name) from None
-    try:
-        device = torch.device(name)
+        device = torch.device(distributed.device_for(name, ranks or Ranks()))
     except (RuntimeError, TypeError):
         raise BadValue("device", "auto, cpu, cuda or cuda:N", name) from None
     if device.type == "cuda" and not torch.cuda.is_available():
