@@ -212,7 +212,7 @@ E2E_BASE = [*QUICK, "dataset.max_images=1201", "batch_size=64"]
 
 def torchrun(folder: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     """``torchrun --nproc_per_node=2 launch.py ...`` in ``folder`` (its store and checkpoints land there)."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command += [str(ROOT / "launch.py"), *overrides, f"tracking.uri=sqlite:///{folder}/mlflow.db"]
     return subprocess.Popen(
         command + [f"checkpoint_dir={folder}/checkpoints"],
@@ -362,3 +362,30 @@ def test_ranks_with_different_configs_stop_with_the_differing_keys(tmp_path):
         status, output = finish(process, deadline=300)
         assert status == 1 and "differing keys: epochs" in output and "Traceback" not in output, output[-3000:]
     assert _written(tmp_path) == []
+
+
+# ---- SLURM: the launcher recipe --------------------------------------------------------------------------------
+
+
+def test_the_slurm_ddp_launcher_recipe_composes_with_sweeps_one_task_per_gpu():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            [
+                "+sweep=dmg_search_lr",
+                "hydra/launcher=slurm_ddp",
+                "hydra.launcher.gpus_per_node=8",
+                "hydra.launcher.nodes=2",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (8, 8, 2)
+    assert launcher["max_num_timeout"] == 3  # the slurm recipe's requeues after time limits carry over
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.dmg_sweeps.ResumableOptunaSweeper"
