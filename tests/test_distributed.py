@@ -258,24 +258,39 @@ def largest_difference(one: dict, two: dict) -> tuple[float, str]:
     return worst
 
 
+def one_process(folder: Path, overrides: list[str], threads: int) -> dict:
+    """The per-epoch metrics of a run in this process on ``threads`` CPU threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run(compose_config([*overrides, f"tracking.uri=sqlite:///{folder}/mlflow.db", f"checkpoint_dir={folder}/c"]))
+    finally:
+        torch.set_num_threads(before)
+    return metric_rows(folder)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(E2E))
 def test_two_ranks_log_the_metrics_of_one_process(name, tmp_path):
-    """Per-epoch metrics of ``torchrun --nproc_per_node=2`` equal those of one process within 1e-5 relative; the run
-    records its world size, has one MLflow run and one Hydra output folder."""
+    """``torchrun --nproc_per_node=2`` logs the per-epoch metrics of one process, up to rounding; the run records its
+    world size, has one MLflow run and one Hydra output folder.
+
+    Rounding: the ranks add up gradients and BatchNorm statistics in another order, as one process does on another
+    number of threads, and training amplifies such differences (Adam normalises small gradients, DMG's mask draws
+    compare uniforms with probabilities, and near-chance logits flip their argmax). So the bound is 1e-5 relative or,
+    where one process itself moves more than that between 1 and 2 threads, 4 times that (measured here).
+    """
     overrides = [*E2E_BASE, *E2E[name]]
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    alone = compose_config(
-        overrides + [f"tracking.uri=sqlite:///{tmp_path}/one/mlflow.db", f"checkpoint_dir={tmp_path}/one/checkpoints"]
-    )
-    run(alone)
+    for folder in ("one", "threads", "two"):
+        (tmp_path / folder).mkdir()
+    (one_run,), one = one_process(tmp_path / "one", overrides, threads=1)  # as each rank (OMP_NUM_THREADS=1)
+    _, other_threads = one_process(tmp_path / "threads", overrides, threads=2)
     status, output = finish(torchrun(tmp_path / "two", *overrides))
     assert status == 0, output[-3000:]
-    (one_run,), one = metric_rows(tmp_path / "one")
     (two_run,), two = metric_rows(tmp_path / "two")
-    difference, key = largest_difference(one, two)
-    print(f"{name}: largest relative difference {difference:.2e} ({key})")
-    assert difference < 1e-5, (key, difference)
+    (difference, key), (floor, floor_key) = largest_difference(one, two), largest_difference(one, other_threads)
+    print(f"{name}: 2 ranks {difference:.2e} ({key}); 1 process on 2 threads {floor:.2e} ({floor_key})")
+    assert difference <= max(1e-5, 4 * floor), (key, difference, floor)
     assert two_run.data.tags["world_size"] == "2" and one_run.data.tags["world_size"] == "1"
     assert two_run.data.tags["config_hash"] == one_run.data.tags["config_hash"]
     assert len(list((tmp_path / "two" / "outputs").glob("*/*"))) == 1  # rank 0's Hydra folder only
