@@ -2,6 +2,7 @@
 
 python launch.py                                   # DMG on the embedded Rotated MNIST
 python launch.py method=aggregate target=rot0 optim.lr=3e-4
+torchrun --nproc_per_node=4 launch.py method=coral   # one run on 4 GPUs (README: Many GPUs)
 """
 
 import atexit
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dmg.engine.distributed import ranks_from_environment
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import Terminated, UserError
 from dmg.runs.settings import check_overrides, check_settings
@@ -30,6 +32,8 @@ def task(cfg: DictConfig) -> float:
     answered at once.
     """
     job = HydraConfig.get()
+    if not ranks_from_environment().is_writer:
+        logging.getLogger("dmg").setLevel(logging.WARNING)  # rank 0 tells the story; the others only their problems
     try:
         check_overrides(cfg, job.overrides.task, job.job.config_name)
         check_settings(cfg)
@@ -57,9 +61,18 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def rank_overrides(argv: list[str]) -> list[str]:
+    """Hydra settings for the ranks other than 0 of a DDP job: they write no output folder (rank 0 writes the run's
+    one folder; each process would otherwise resolve its own time-stamped path)."""
+    if ranks_from_environment().is_writer or {"-m", "--multirun"} & set(argv):
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 main = hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="config")(task)
 
 if __name__ == "__main__":
+    sys.argv += rank_overrides(sys.argv)
     try:
         with sigterm_raises():
             main()

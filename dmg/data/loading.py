@@ -5,6 +5,9 @@ Every random transform of sample ``i`` in epoch ``e`` draws from torch's generat
 The batch order comes from a generator seeded by ``(seed, e)``. So the images a model sees do not depend on
 the number of loader workers, on which worker gets which batch, on whether workers persist, or on a resume.
 Workers persist for the whole run: no process starts after the first epoch.
+
+Under DDP (``dmg.engine.distributed``) a training loader gives each rank its shard of every global batch (``split``),
+and an evaluation loader deals whole batches to the ranks in turn (``deal``: batch ``k`` to rank ``k % world``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.utils.data import (
 
 from dmg.data.decode import EncodedBatchDecoder, collate_encoded
 from dmg.data.seeding import batch_seed, epoch_seed, sample_seed, with_seed
+from dmg.engine import distributed
 
 BatchSamplerFactory = Callable[..., Iterable[list[int]]]  # (dataset=, batch_size=, drop_last=, generator=)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -57,24 +61,47 @@ class EpochBatches(Sampler[list]):
     """Batches of dataset indices whose order is drawn from ``generator``, reseeded by :meth:`set_epoch`.
 
     ``keyed``: each index travels as ``(index, seed, epoch)`` so that a worker can seed the item's transforms.
+    ``sharding`` (several ranks only): ``split`` yields this rank's shard of every batch (:attr:`shards` says which
+    rows), ``deal`` this rank's whole batches.
     """
 
-    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator, keyed: bool):
+    def __init__(self, batches: Iterable[list[int]], generator: torch.Generator, keyed: bool, sharding: str = "split"):
         self.batches = batches
         self.generator = generator
         self.keyed = keyed
+        self.sharding = sharding
         self.seed, self.epoch = 0, 0
+        self.shards: list[distributed.BatchShard] = []
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
         self.generator.manual_seed(epoch_seed(seed, epoch))
 
     def __len__(self) -> int:
+        ranks = distributed.current()
+        if ranks.distributed and self.sharding == "deal":
+            return len(range(ranks.rank, len(self.batches), ranks.world_size))
         return len(self.batches)
 
+    def step(self, local_step: int) -> int:
+        """The global step of this rank's ``local_step``-th batch."""
+        ranks = distributed.current()
+        dealt = ranks.distributed and self.sharding == "deal"
+        return ranks.rank + local_step * ranks.world_size if dealt else local_step
+
     def __iter__(self) -> Iterator[list]:
-        for batch in self.batches:
+        for batch in self._this_ranks_batches():
             yield [(index, self.seed, self.epoch) for index in batch] if self.keyed else batch
+
+    def _this_ranks_batches(self) -> Iterable[list[int]]:
+        ranks = distributed.current()
+        if not ranks.distributed:
+            return self.batches
+        if self.sharding == "deal":
+            return (batch for k, batch in enumerate(self.batches) if k % ranks.world_size == ranks.rank)
+        batches = list(self.batches)  # the epoch's global batches, drawn as in one process
+        self.shards = [distributed.shard_of(len(batch), ranks) for batch in batches]
+        return (batch[shard.start : shard.stop] for batch, shard in zip(batches, self.shards))
 
 
 class EpochLoader:
@@ -90,6 +117,13 @@ class EpochLoader:
     @property
     def epoch(self) -> tuple[int, int]:
         return self.batches.seed, self.batches.epoch
+
+    def start_step(self, local_step: int) -> int:
+        """Say which rows of the global batch this rank's ``local_step``-th batch holds (several ranks); returns the
+        batch's global step."""
+        if self.batches.shards and local_step < len(self.batches.shards):
+            distributed.set_batch_shard(self.batches.shards[local_step])
+        return self.batches.step(local_step)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -107,13 +141,15 @@ def make_loader(
     batch_sampler: BatchSamplerFactory | None = None,
     pin_memory: bool = False,
     encoded: bool = False,
+    sharding: str = "split",
 ) -> EpochLoader:
     """A loader whose batches depend only on the seed and epoch given to ``set_epoch``.
 
     ``batch_sampler(dataset=, batch_size=, drop_last=, generator=)`` may choose the batches (drawing its
     randomness from ``generator``); by default they are shuffled or sequential. In-memory tensor datasets are
     sliced a whole batch at a time; file-backed datasets go through per-sample workers that persist for the
-    run. ``encoded``: the dataset yields encoded image bytes, decoded later on the device.
+    run. ``encoded``: the dataset yields encoded image bytes, decoded later on the device. ``sharding``: how several
+    ranks share the batches (:class:`EpochBatches`).
     """
     generator = torch.Generator()
     if batch_sampler is None:
@@ -122,10 +158,10 @@ def make_loader(
     else:
         batches = batch_sampler(dataset=dataset, batch_size=batch_size, drop_last=drop_last, generator=generator)
     if isinstance(dataset, TensorDataset):
-        epoch_batches = EpochBatches(batches, generator, keyed=False)
+        epoch_batches = EpochBatches(batches, generator, keyed=False, sharding=sharding)
         loader = DataLoader(dataset, sampler=epoch_batches, batch_size=None, generator=torch.Generator())
         return EpochLoader(loader, epoch_batches)
-    epoch_batches = EpochBatches(batches, generator, keyed=True)
+    epoch_batches = EpochBatches(batches, generator, keyed=True, sharding=sharding)
     loader = DataLoader(
         SeededItems(dataset, pass_seed=encoded),
         batch_sampler=epoch_batches,
@@ -198,7 +234,8 @@ class OnDevice:
     def __iter__(self) -> Iterator[Batch]:
         seed, epoch = self.loader.epoch
         to_device = {"device": self.device, "non_blocking": True}
-        for step, batch in enumerate(self.loader):
+        for local_step, batch in enumerate(self.loader):
+            step = self.loader.start_step(local_step)
             if self.decoder:
                 data, y, d, item_seeds = batch
                 x = self.decoder(data, item_seeds, self.device)

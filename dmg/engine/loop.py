@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dmg.data.loading import OnDevice
 from dmg.data.seeding import epoch_seed
+from dmg.engine import distributed
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
 from dmg.errors import NonFiniteLossError
@@ -98,19 +99,23 @@ def train_epoch(
 
     The loss terms are summed on the device, so the steps never wait for it; the sums are read, and checked
     for a non-finite loss, at the end of the epoch (and every ``PROGRESS_EVERY`` steps while a progress bar
-    shows them). A non-finite loss ends the run before the epoch's checkpoint is written.
+    shows them). A non-finite loss ends the run before the epoch's checkpoint is written. Under DDP each rank sums
+    its terms weighted by its share of each batch, and the ranks' sums are added up at the end of the epoch: the
+    means of the global batches, on every rank.
     """
     method.train()
     averaging = averaging or NoAveraging()
     totals = LossTotals(first_step=method.steps + 1)
-    bar = tqdm(loader, desc=label, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    show = progress and distributed.current().is_writer
+    bar = tqdm(loader, desc=label, leave=False, disable=None if show else True, dynamic_ncols=True)
     rates = method.learning_rates()
     for x, y, d in bar:
         rates = method.learning_rates()  # read from the optimisers: no device access
-        totals.add(method.update(x, y, d))
+        totals.add(method.update(x, y, d), distributed.batch_shard(len(y)).weight)
         averaging.after_step(method)
         if not bar.disable and totals.steps % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{totals.means()['loss']:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{totals.means()['loss']:.3f}", refresh=False)  # rank 0's shards only
+    totals.combine_ranks()
     losses = {f"train/{name}": mean for name, mean in totals.means().items()}
     return losses | {f"lr/{name}": rate for name, rate in rates.items()}
 
@@ -124,14 +129,28 @@ class LossTotals:
         self.sums: dict[str, torch.Tensor] = {}
         self.first_bad: torch.Tensor | None = None  # steps counted from 1; 0 while every loss was finite
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        """``weight``: this rank's share of the batch (1 in one process)."""
         self.steps += 1
+        if weight != 1.0:
+            terms = {name: value * weight for name, value in terms.items()}
         for name, value in terms.items():
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         bad = ~torch.isfinite(terms["loss"])
         if self.first_bad is None:
             self.first_bad = torch.zeros((), dtype=torch.long, device=terms["loss"].device)
         self.first_bad = torch.where(bad & (self.first_bad == 0), self.steps, self.first_bad)
+
+    def combine_ranks(self) -> None:
+        """Add up the ranks' weighted sums; the first non-finite step is the earliest of any rank."""
+        if not self.steps or not distributed.current().distributed:
+            return
+        names = list(self.sums)
+        totals = distributed.sum_across_ranks(torch.stack([self.sums[name] for name in names]))
+        self.sums = dict(zip(names, totals.unbind()))
+        never = torch.full_like(self.first_bad, self.steps + 1)
+        earliest = distributed.min_across_ranks(torch.where(self.first_bad > 0, self.first_bad, never))
+        self.first_bad = torch.where(earliest > self.steps, 0, earliest)
 
     def means(self) -> Metrics:
         """The mean of each term so far: one read from the device; raises :class:`NonFiniteLossError`."""
@@ -150,22 +169,22 @@ def evaluate(method: Method, loaders: Loaders) -> Metrics:
     """In-domain accuracy and cross-entropy per source (own-domain prediction), out-of-domain accuracy per target,
     and their means.
 
-    One pass over every evaluated domain; the sums stay on the device until the end.
+    One pass over every evaluated domain; the sums stay on the device until the end. Under DDP the ranks take
+    turns at the batches and their sums are added up.
     """
     method.eval()
     parts = loaders.parts
     device = loaders.evaluation.device
     correct = torch.zeros(len(parts), dtype=torch.long, device=device)
     losses = torch.zeros(len(parts), device=device)
-    for part, (x, y, d) in zip(loaders.batch_parts, loaders.evaluation):
+    for part, (x, y, d) in zip(distributed.dealt(loaders.batch_parts), loaders.evaluation):
         with method.autocast():
             scores = method.predict(x, d if parts[part].in_domain else None)
         correct[part] += (scores.argmax(1) == y).sum()
         losses[part] += F.cross_entropy(scores.float(), y, reduction="sum")  # meaningful for logits only
     sizes = torch.tensor([max(part.size, 1) for part in parts], dtype=torch.float64)
-    accuracies, mean_losses = (
-        torch.stack([correct.cpu().double(), losses.cpu().double()]) / sizes
-    ).tolist()  # one read
+    totals = distributed.sum_across_ranks(torch.stack([correct.double(), losses.double()]))
+    accuracies, mean_losses = (totals.cpu() / sizes).tolist()  # one read
     val = {p.name: (acc, loss) for p, acc, loss in zip(parts, accuracies, mean_losses) if p.in_domain}
     test = {p.name: acc for p, acc in zip(parts, accuracies) if not p.in_domain}
     metrics = {f"val/acc/{name}": value for name, (value, _) in val.items()}

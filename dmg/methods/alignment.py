@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dmg.engine.compute import in_fp32
+from dmg.engine.distributed import gather_batch
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
@@ -42,7 +43,7 @@ class FeatureAlignment(Aggregate):
         raise NotImplementedError
 
     def objective(self, x, y, d):
-        features = self.network.features(x)  # (B, F)
+        features, y, d = gather_batch(self.network.features(x), y, d)  # (B, F): the global batch under DDP
         logits = self.network.classifier(features)
         n = by_domain.counts(d, self.num_domains)
         ce = by_domain.mean_over(by_domain.risks(logits, y, d, self.num_domains), n > 0)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from dmg.engine import distributed
 from dmg.engine.compute import Precision
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -93,6 +94,7 @@ class Method(nn.Module):
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
+        distributed.reduce_gradients(self.parameters())  # DDP: the global batch's gradient on every rank
         for name in self.stepping_optimizers():
             self.scaler.step(self.optimizers[name])  # fp16: skipped when the gradients overflowed
         self.scaler.update()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dmg.engine.distributed import gather_batch
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
@@ -26,7 +27,8 @@ class GroupDRO(Aggregate):
         self._next_weights: torch.Tensor | None = None
 
     def objective(self, x, y, d):
-        risks = by_domain.risks(self.network(x), y, d, self.num_domains)  # (D,)
+        logits, y, d = gather_batch(self.network(x), y, d)  # the global batch under DDP
+        risks = by_domain.risks(logits, y, d, self.num_domains)  # (D,)
         present = (by_domain.counts(d, self.num_domains) > 0).to(risks.dtype)
         weights = self.domain_weights * torch.exp(self.eta * risks.detach() * present)
         weights = weights / weights.sum()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dmg.engine.compute import in_fp32
+from dmg.engine.distributed import gather_batch
 from dmg.errors import check_count, check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
@@ -31,7 +32,7 @@ class AnnealedPenalty(Aggregate):
         raise NotImplementedError
 
     def objective(self, x, y, d):
-        logits = self.network(x)
+        logits, y, d = gather_batch(self.network(x), y, d)  # the global batch under DDP
         risks = by_domain.risks(logits, y, d, self.num_domains)
         ce = by_domain.mean_over(risks, by_domain.counts(d, self.num_domains) > 0)
         penalty = self.penalty(logits, y, d, risks)

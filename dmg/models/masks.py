@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from dmg.engine import distributed
 from dmg.errors import UserError
 from dmg.models.staged import StagedNetwork
 
@@ -25,9 +26,10 @@ def sample_straight_through(p: torch.Tensor) -> torch.Tensor:
     """Training: a hard Bernoulli sample whose gradient flows to ``p`` (straight-through estimator).
 
     Drawn as ``uniform < p`` rather than ``torch.bernoulli``, which asserts on the GPU when ``p`` is NaN: a
-    diverged run then ends with the training loop's clear error, not a device-side assert.
+    diverged run then ends with the training loop's clear error, not a device-side assert. ``p`` has one row per
+    sample of the batch.
     """
-    hard = (torch.rand_like(p) < p).to(p.dtype)
+    hard = (distributed.rand_rows_like(p) < p).to(p.dtype)  # under DDP: this rank's rows of the batch's draws
     return hard + p - p.detach()
 
 

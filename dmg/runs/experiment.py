@@ -20,12 +20,14 @@ from dmg.data import DomainSplits, choose_domains
 from dmg.data.decode import EncodedBatchDecoder
 from dmg.data.loading import OnDevice, PartBatches, concatenate, make_loader
 from dmg.data.sampling import BATCH_SAMPLERS
+from dmg.engine import distributed
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.compute import Compute, is_convolutional, resolve_precision
+from dmg.engine.distributed import ProcessGroup, Ranks, RankZeroCheckpoints, ranks_from_environment
 from dmg.engine.loop import EvaluationPart, Loaders, evaluation_keys, finish_average, fit
 from dmg.engine.signals import sigterm_raises
-from dmg.errors import BadValue, Terminated, UserError
+from dmg.errors import BadValue, Terminated, UserError, check_number
 from dmg.methods.base import Method
 from dmg.models.staged import InputTooSmall, StagedNetwork
 from dmg.runs.settings import check_settings
@@ -38,35 +40,96 @@ from dmg.runs.summary import (
     summary_by_step,
     summary_keys,
 )
-from dmg.runs.tracking import Tracker, finished_run, flatten, git_commit
+from dmg.runs.tracking import NoTracker, Tracker, finished_run, flatten, git_commit
 from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float:
-    """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``."""
+    """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``.
+
+    Started by torchrun or srun, every process runs this as one rank of the job (``dmg.engine.distributed``).
+    """
     check_settings(cfg)
-    if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
-        log.info("run %s already finished with this config: reporting its result", done.info.run_id)
-        check_optimized_metric(cfg.optimized_metric, sorted(done.data.metrics))
-        return done.data.metrics[cfg.optimized_metric]
-    device = resolve_device(cfg.device)
+    ranks = ranks_from_environment()
+    device = resolve_device(cfg.device, ranks)
+    check_world_size(cfg, ranks)
+    backend = distributed.backend_for(cfg.distributed.backend, device)
+    with ProcessGroup(ranks, backend, device, cfg.distributed.timeout_s):
+        check_same_config(cfg)
+        return run_on_device(cfg, device, ranks)
+
+
+def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
+    """The run of this rank (of all of it in one process), once the process group is up."""
+    finished = distributed.broadcast(distributed.on_writer(lambda: finished_result(cfg)))
+    if finished:
+        log.info("run %s already finished with this config: reporting its result", finished[0])
+        return finished[1]
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
+    check_last_batch(len(splits.train), cfg, ranks)
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
+    if ranks.distributed and cfg.distributed.sync_batch_norm:
+        distributed.convert_batch_norm(method)
     averaging = build_averaging(cfg)
     check_optimized_metric(cfg.optimized_metric, reported_metrics(splits, method, averaging))
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
-        summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags())
-    title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
-    print_summary(summary, sources, targets, title)
+        summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags() | world_tags(ranks))
+    if ranks.is_writer:
+        title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
+        print_summary(summary, sources, targets, title)
     return summary[cfg.optimized_metric]
+
+
+def finished_result(cfg: DictConfig) -> tuple[str, float] | None:
+    """``resume=skip_finished``: the id and result of a finished run of this config, if there is one."""
+    done = finished_run(cfg) if cfg.resume == "skip_finished" else None
+    if done is None:
+        return None
+    check_optimized_metric(cfg.optimized_metric, sorted(done.data.metrics))
+    return done.info.run_id, done.data.metrics[cfg.optimized_metric]
+
+
+def check_world_size(cfg: DictConfig, ranks: Ranks) -> None:
+    """``batch_size`` is the global batch: it must split evenly among the ranks."""
+    check_number("distributed.timeout_s", cfg.distributed.timeout_s, above=0)
+    if cfg.batch_size % ranks.world_size:
+        raise UserError(
+            f"batch_size={cfg.batch_size} is the global batch, split among {ranks.world_size} processes: "
+            f"it must be a multiple of {ranks.world_size}"
+        )
+
+
+def check_last_batch(samples: int, cfg: DictConfig, ranks: Ranks) -> None:
+    """Every rank needs a sample of every training batch, the last, shorter one included."""
+    last = 0 if cfg.drop_last or cfg.sampler != "shuffled" else samples % cfg.batch_size
+    if 0 < last < ranks.world_size:
+        raise UserError(
+            f"the last training batch has {last} of the {samples} training samples, fewer than the "
+            f"{ranks.world_size} processes: set drop_last=true or another batch_size"
+        )
+
+
+def check_same_config(cfg: DictConfig) -> None:
+    """Every rank must have composed the same resolved config (same command line, same environment)."""
+    keys = distributed.differing_keys(dict(flatten(OmegaConf.to_container(cfg, resolve=True))))
+    if keys:
+        raise UserError(
+            f"the {distributed.current().world_size} processes composed different configs (differing keys: "
+            f"{', '.join(keys)}): start every rank with the same command line and environment"
+        )
+
+
+def world_tags(ranks: Ranks) -> dict[str, str]:
+    """The number of processes the run computed on (results equal those of one process: not in the config hash)."""
+    return {"world_size": str(ranks.world_size)}
 
 
 def train_and_track(
@@ -86,18 +149,20 @@ def train_and_track(
     """
     tags = run_tags(cfg, splits.targets) | compute_tags
     curated = curated_params(cfg, splits)
-    tracker = Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated)
-    checkpoints = Checkpointer(tracker.directory)
+    tracker = start_tracker(cfg, tags, splits, curated)
+    checkpoints = RankZeroCheckpoints(Checkpointer(tracker.directory) if isinstance(tracker, Tracker) else None)
     try:
         history = checkpoints.restore(method, averaging)
-        log.info("%s: sources %s, targets %s", start_line(tracker, len(history), cfg.epochs), splits.sources,
-                 splits.targets)  # fmt: skip
+        if isinstance(tracker, Tracker):
+            log.info("%s: sources %s, targets %s", start_line(tracker, len(history), cfg.epochs), splits.sources,
+                     splits.targets)  # fmt: skip
         history = fit(
             method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging, history
         )
         averaged = finish_average(method, averaging, loaders, checkpoints, cfg.seed, len(history))
         summary = summarize(history, averaged)
-        finish_run(tracker, method, checkpoints, summary, history, splits.sources, cfg.keep_checkpoints)
+        if checkpoints.files:
+            finish_run(tracker, method, checkpoints.files, summary, history, splits.sources, cfg.keep_checkpoints)
     except BaseException as error:
         end_interrupted(tracker, error)
         raise
@@ -120,6 +185,15 @@ def start_line(tracker: Tracker, done: int, epochs: int) -> str:
     return f"continuing {run} from epoch {done + 1} of {epochs} (its checkpoint holds epochs 1-{done})"
 
 
+def start_tracker(cfg: DictConfig, tags: dict[str, str], splits: DomainSplits, curated: dict) -> Tracker | NoTracker:
+    """The run's MLflow tracker on rank 0 (the one writer); the other ranks get its run id and write nothing."""
+    tracker = distributed.on_writer(
+        lambda: Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated)
+    )
+    run_id = distributed.broadcast(tracker.run_id if tracker else None)
+    return tracker if tracker is not None else NoTracker(run_id)
+
+
 def end_interrupted(tracker: Tracker, error: BaseException) -> None:
     """Mark the run KILLED (Ctrl-C, SIGTERM, a scheduler's exit) or FAILED, without hiding ``error``."""
     stopped = isinstance(error, (KeyboardInterrupt, Terminated, SystemExit))
@@ -131,12 +205,10 @@ def end_interrupted(tracker: Tracker, error: BaseException) -> None:
         log.warning("run %s interrupted: rerun the same command to continue it", tracker.run_id)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, otherwise the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
+    """``auto``: CUDA when present, otherwise the CPU; under DDP ``auto`` and ``cuda`` mean ``cuda:<local rank>``."""
     try:
-        device = torch.device(name)
+        device = torch.device(distributed.device_for(name, ranks or Ranks()))
     except (RuntimeError, TypeError):
         raise BadValue("device", "auto, cpu, cuda or cuda:N", name) from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -231,7 +303,7 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
 
     def on_device(dataset: Dataset, role: str, batch_size: int, **options) -> OnDevice:
         workers = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
-        loader = make_loader(dataset, batch_size, encoded=encoded, **workers, **options)
+        loader = make_loader(dataset, batch_size, encoded=encoded, **workers, **options)  # batch_size: global
         decoder = (
             EncodedBatchDecoder(build(cfg.dataset.transforms[role], f"dataset.transforms.{role}")) if encoded else None
         )
@@ -250,7 +322,9 @@ def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, c
             drop_last=cfg.drop_last,
             batch_sampler=BATCH_SAMPLERS[cfg.sampler],
         ),
-        evaluation=on_device(evaluation, "eval", cfg.eval_batch_size, shuffle=False, batch_sampler=lambda **_: batches),
+        evaluation=on_device(
+            evaluation, "eval", cfg.eval_batch_size, shuffle=False, batch_sampler=lambda **_: batches, sharding="deal"
+        ),
         parts=parts,
         batch_parts=batches.owners,
     )

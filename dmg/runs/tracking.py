@@ -31,13 +31,20 @@ from dmg.runs.stores import mlflow_client
 
 log = logging.getLogger(__name__)
 
-BOOKKEEPING_KEYS = ("resume", "tracking", "checkpoint_dir", "num_workers", "progress", "keep_checkpoints")
+BOOKKEEPING_KEYS = (
+    "resume", "tracking", "checkpoint_dir", "num_workers", "progress", "keep_checkpoints", "distributed"
+)  # fmt: skip
 HOST_TAG, PID_TAG = "dmg.host", "dmg.pid"
 ENDED = ("KILLED", "FAILED")
 # Settings added after runs were first recorded, with the value that reproduces the older behaviour: at that value
 # they are left out of the hash, so a run started before they existed is still found and continued.
 # Add every new setting here (tests/test_configs.py pins the hashes of a few configs).
-KEYS_ADDED_SINCE: dict[str, object] = {}
+KEYS_ADDED_SINCE: dict[str, object] = {
+    # how a run is spread over processes (a bookkeeping key: N ranks compute what one process does)
+    "distributed.backend": "auto",
+    "distributed.timeout_s": 600,
+    "distributed.sync_batch_norm": True,
+}
 LEGACY_MODULE = re.compile(r"\bdmg\.(?:engine|runs|sweeps|commands)\.")
 LEGACY_COMMAND = re.compile(r"python -m dmg (report|bench|prepare)\b")
 
@@ -215,6 +222,24 @@ class Tracker:
 
     def release(self) -> None:
         self.lock.release()
+
+
+class NoTracker:
+    """What the ranks other than 0 of a DDP job hold instead of a :class:`Tracker`: the run's id; nothing is written."""
+
+    resumed = False
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
