@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dmg.engine.distributed import ranks_from_environment
+from dmg.engine.ranks import ranks_from_environment
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import Terminated, UserError
 from dmg.runs.settings import check_overrides, check_settings
