@@ -135,7 +135,7 @@ def test_recipes_compose_with_their_sweeper_launcher_and_callbacks():
         sweeper.params
     )
     assert sweeper.conditional_params["mask.val"].when == {"mask": "scalar"}
-    assert set(search.hydra.callbacks) == {"preflight", "mlflow_parent_run"}
+    assert set(search.hydra.callbacks) == {"mask_secrets", "preflight", "mlflow_parent_run"}
     launcher = search.hydra.launcher
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 720)
     assert loo.hydra.sweeper.params.seed == "0,1,2" and loo.method.name == "aggregate"

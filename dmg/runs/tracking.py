@@ -27,7 +27,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from omegaconf import DictConfig, OmegaConf
 
 from dmg.errors import RunInProgress
-from dmg.runs.stores import mlflow_client
+from dmg.runs.stores import mask_secrets, masked, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Tracker:
         experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
         tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        tags = {key: mask_secrets(value) for key, value in tags.items()}
         trial = cfg.tracking.get("trial") or {}
         retried = trial.get("origin", trial.get("number")) != trial.get("number")
         with config_lock(checkpoint_root, digest):
@@ -170,12 +171,14 @@ class Tracker:
         return self.lock.directory
 
     def log_config(self, cfg: DictConfig, known: Mapping[str, str]) -> None:
-        """The resolved config as params (but the ``known`` ones, already logged) and as ``config.yaml``."""
-        params = [Param(key, value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))]
+        """The resolved config as params (but the ``known`` ones, already logged) and as ``config.yaml``; passwords in
+        URLs (``tracking.uri``) are masked."""
+        content = masked(OmegaConf.to_container(cfg, resolve=True))
+        params = [Param(key, value) for key, value in flatten(content)]
         params = [param for param in params if param.key not in known]
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-        self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        self.log_text(OmegaConf.to_yaml(OmegaConf.create(content)), "config.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log the metrics of ``step``, except those this run already holds for that step (a resumed run)."""

@@ -28,13 +28,51 @@ from omegaconf import DictConfig, OmegaConf
 from dmg.engine import signals
 from dmg.errors import UserError
 from dmg.runs.settings import check_overrides, check_settings
-from dmg.runs.stores import mlflow_client, store_lock
+from dmg.runs.stores import install_log_masking, mask_secrets, mlflow_client, store_lock
 from dmg.runs.tracking import experiment_id
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "DMG_MLFLOW_PARENT_RUN"
 PARENT_TAG = "mlflow.parentRunId"
+
+
+class MaskSecrets(Callback):
+    """Keeps URL passwords (``tracking.uri``, ``hydra.sweeper.storage``) out of Hydra's files and logs.
+
+    Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` (and a grid's ``multirun.yaml``) just before a job
+    starts, and logs each job's overrides: the files are rewritten masked here, and every log record is masked.
+    """
+
+    def __init__(self) -> None:
+        install_log_masking()
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        install_log_masking()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        install_log_masking()
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        install_log_masking()
+        hydra = config.hydra
+        files = [Path(hydra.sweep.dir) / "multirun.yaml"] if str(hydra.mode).endswith("MULTIRUN") else []
+        if hydra.output_subdir is not None:
+            files += Path(hydra.runtime.output_dir, hydra.output_subdir).glob("*.yaml")
+        for path in files:
+            mask_file(path)
+
+
+def mask_file(path: Path) -> None:
+    """Rewrite a text file with its URL passwords masked (atomically; nothing to do when it holds none)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    if mask_secrets(text) != text:
+        partial = path.with_name(f".{path.name}.masking")
+        partial.write_text(mask_secrets(text))
+        os.replace(partial, path)
 
 
 class Preflight(Callback):

@@ -43,7 +43,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
 from dmg.errors import BadValue, UserError, check_count, check_number
-from dmg.runs.stores import check_store_uri, create_sqlite_atomically, store_lock
+from dmg.runs.stores import check_store_uri, create_sqlite_atomically, install_log_masking, masked, store_lock
 from dmg.sweeps.trials import (
     COMPLETE,
     PROCESS_ATTR,
@@ -107,6 +107,7 @@ class ResumableOptuna(OptunaSweeperImpl):
         results_file: str = "optimization_results.yaml",
     ) -> None:
         check_options(locals())
+        install_log_masking()  # Hydra's launch lines hold the storage and tracking URLs
         super().__init__(
             sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params
         )
@@ -224,8 +225,12 @@ class ResumableOptuna(OptunaSweeperImpl):
     def trial_overrides(
         self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict
     ) -> list[tuple[str, ...]]:
-        """Each trial's command-line overrides, plus its description under ``trial_key``."""
-        overrides = self._configure_trials(trials, space, fixed)
+        """Each trial's command-line overrides, plus its description under ``trial_key``.
+
+        The fixed overrides are stored as the trials' user attributes with URL passwords masked; the jobs get them
+        as given."""
+        self._configure_trials(trials, space, masked(dict(fixed)))
+        overrides = [tuple(f"{name}={value}" for name, value in {**trial.params, **fixed}.items()) for trial in trials]
         if not self.trial_key:
             return list(overrides)
         return [
