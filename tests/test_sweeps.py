@@ -4,6 +4,7 @@ failed and NaN trials) and the leave-one-domain-out multirun on submitit's local
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import socket
@@ -218,9 +219,9 @@ def test_a_trial_whose_process_died_on_this_host_is_requeued_at_once(fake_sweep)
     study = optuna.create_study(study_name="fake", storage=fake_sweep.storage, direction="maximize")
     orphan = study.ask()
     orphan.suggest_float("x", 0.0, 1.0)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    orphan.set_system_attr("process", {"host": socket.gethostname(), "pid": dead.pid, "started": "0"})
+    identity = "import json; from dmg.sweeps.trials import this_process; print(json.dumps(this_process()))"
+    dead = subprocess.run([sys.executable, "-c", identity], capture_output=True, text=True, cwd=ROOT, check=True)
+    orphan.set_system_attr("process", json.loads(dead.stdout))  # a process of this host that has ended
     start = time.monotonic()
     fake_sweep(lambda number, x: x, 2)
     trials = load_study(fake_sweep.storage, "fake").trials

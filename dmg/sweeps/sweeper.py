@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -44,10 +45,12 @@ from optuna.trial import Trial, TrialState
 
 from dmg.errors import BadValue, UserError, check_count, check_number
 from dmg.runs.stores import check_store_uri, create_sqlite_atomically, install_log_masking, masked, store_lock
+from dmg.runs.windows import window
 from dmg.sweeps.trials import (
     COMPLETE,
     PROCESS_ATTR,
     RETRY,
+    TAKEN,
     claim,
     finished,
     heartbeat,
@@ -55,8 +58,8 @@ from dmg.sweeps.trials import (
     record,
     requeue,
     requeue_abandoned,
-    retry,
     running,
+    uncached,
 )
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,10 @@ def check_options(sweeper: DictConfig | Mapping) -> None:
         check_number("hydra.sweeper.grace_period", sweeper.get("grace_period"), above=0)
     if str(sweeper.get("direction")) not in ("maximize", "minimize"):
         raise BadValue("hydra.sweeper.direction", "maximize or minimize", sweeper.get("direction"))
-    if isinstance(sweeper.get("storage"), str):
-        check_store_uri(sweeper.get("storage"), "hydra.sweeper.storage")
+    if not isinstance(sweeper.get("storage"), str):
+        expected = "a database URL such as sqlite:///optuna.db (a study in memory is neither shared nor resumed)"
+        raise BadValue("hydra.sweeper.storage", expected, sweeper.get("storage"))
+    check_store_uri(sweeper.get("storage"), "hydra.sweeper.storage")
 
 
 class ResumableOptuna(OptunaSweeperImpl):
@@ -128,11 +133,10 @@ class ResumableOptuna(OptunaSweeperImpl):
         study = self.open_study()
         failures_in_a_row = 0
         while finished(study.get_trials(deepcopy=False)) < self.n_trials:
-            size = self.batch_size(study)
-            if size == 0:
+            trials = self.start_trials(study)
+            if not trials:
                 self.wait_for_others(study)
                 continue
-            trials = [claim(study.ask()) for _ in range(size)]
             returns = self.run_trials(study, trials, space, fixed)
             outcomes = [record(study, trial, job) for trial, job in zip(trials, returns)]
             failures_in_a_row = self.check_outcomes(study.study_name, outcomes, failures_in_a_row)
@@ -147,7 +151,8 @@ class ResumableOptuna(OptunaSweeperImpl):
                 "above); it is queued again: fix the problem and rerun the same command"
             )
         for outcome in outcomes:
-            failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
+            if outcome != TAKEN:  # a trial another worker re-queued meanwhile says nothing about its config
+                failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
         if failures_in_a_row >= self.max_consecutive_failures:
             raise SweepFailed(
                 f"the last {failures_in_a_row} trials of study {study_name} failed because of their configs "
@@ -179,21 +184,19 @@ class ResumableOptuna(OptunaSweeperImpl):
     def open_study(self) -> optuna.Study:
         """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole."""
         storage = self.storage
-        with store_lock(storage or ""):
-            if isinstance(storage, str):
-                create_sqlite_atomically(storage, _create_optuna_tables)
-                storage = optuna.storages.RDBStorage(
-                    storage,
-                    heartbeat_interval=self.heartbeat_interval,
-                    grace_period=self.grace_period,
-                    failed_trial_callback=retry,
+        with store_lock(storage):
+            create_sqlite_atomically(storage, _create_optuna_tables)
+            storage = optuna.storages.RDBStorage(
+                storage, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period
+            )
+            study = uncached(
+                optuna.create_study(
+                    study_name=self.study_name,
+                    storage=storage,
+                    sampler=self.sampler,
+                    direction=self._get_directions()[0],
+                    load_if_exists=True,
                 )
-            study = optuna.create_study(
-                study_name=self.study_name,
-                storage=storage,
-                sampler=self.sampler,
-                direction=self._get_directions()[0],
-                load_if_exists=True,
             )
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
@@ -201,12 +204,19 @@ class ResumableOptuna(OptunaSweeperImpl):
         log.info("study %s: %d of %d trials finished", study.study_name, finished(trials), self.n_trials)
         return study
 
-    def batch_size(self, study: optuna.Study) -> int:
-        """How many trials to start now: at most ``n_jobs``, and no more than the study still lacks."""
+    def start_trials(self, study: optuna.Study) -> list[Trial]:
+        """Ask for (and claim) the trials to run now: at most ``n_jobs``, and no more than the study still lacks.
+
+        Counting and asking hold the storage's lock, so workers counting at the same instant never start more
+        than ``n_trials`` together (Optuna's ``MaxTrialsCallback`` counts without one)."""
         requeue_abandoned(study, self.grace_period)
-        trials = study.get_trials(deepcopy=False)
-        busy = sum(trial.state == TrialState.RUNNING for trial in trials)
-        return max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+        window("count")
+        with store_lock(self.storage):
+            trials = study.get_trials(deepcopy=False)
+            busy = sum(trial.state == TrialState.RUNNING for trial in trials)
+            size = max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+            window("ask")  # counted, not yet asked
+            return [claim(study.ask()) for _ in range(size)]
 
     def wait_for_others(self, study: optuna.Study) -> None:
         """The study lacks only trials that other live processes run: wait for them (or for them to go silent)."""
@@ -267,7 +277,9 @@ def save_results(study: optuna.Study, path: Path) -> dict:
         "trials": dict(states),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(results), path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")  # workers sharing the folder write it whole, in turn
+    OmegaConf.save(OmegaConf.create(masked(results)), partial)
+    os.replace(partial, path)
     log.info("best trial %d of %s: %s = %s", best.number, study.study_name, best.params, best.value)
     return results
 
