@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import traceback
 from pathlib import Path
 
 import torch
@@ -132,7 +133,18 @@ def build(node: DictConfig, key: str, **kwargs):
             raise cause.under(key) from None
         if isinstance(cause, UserError):
             raise cause from None
+        if not _is_config_error(cause):
+            raise cause  # a bug in the component: its traceback, and a sweep re-queues the trial instead of FAIL
         raise UserError(f"bad {key} setting: {str(cause).splitlines()[0]}") from None
+
+
+def _is_config_error(cause: BaseException) -> bool:
+    """Whether ``instantiate`` failed on the config itself (an unknown ``_target_``, a key the constructor does not
+    take, a missing argument) rather than inside the constructor's code."""
+    if cause.__traceback__ is None or isinstance(cause, InstantiationException):
+        return True
+    frames = traceback.extract_tb(cause.__traceback__)
+    return isinstance(cause, (TypeError, ImportError, AttributeError)) and "hydra" in Path(frames[-1].filename).parts
 
 
 def build_method(cfg: DictConfig, sources: list[str]) -> Method:

@@ -242,9 +242,10 @@ def mlflow_client(uri: str) -> MlflowClient:
     except SetupError:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a broken store
+        hint = "; it was written by another MLflow version: back it up and run `mlflow db upgrade <uri>`"
+        schema = "database schema" in str(error) or "alembic" in str(error).lower()
         raise SetupError(
-            f"tracking.uri={shown(uri)}: cannot open the MLflow store ({_first_line(error)}); "
-            "if it was written by another MLflow version, back it up and run `mlflow db upgrade <uri>`"
+            f"tracking.uri={shown(uri)}: cannot open the MLflow store ({_first_line(error)}){hint if schema else ''}"
         ) from None
     return client
 
@@ -277,5 +278,5 @@ def _create_mlflow_tables(url: str) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    text = mask_secrets(str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
