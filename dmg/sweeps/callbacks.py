@@ -183,10 +183,12 @@ class SweepParentRun(Callback):
 
 
 def sweep_tags(tracking: DictConfig) -> dict[str, str]:
-    """Tags linking a run to its sweep: parent run, study, trial number and sampled values."""
+    """Tags linking a run to its sweep: parent run, study, the trial it stands for (as its name and params say:
+    a re-queued trial continues the run of the trial it replaces), the attempt that ran it last, sampled values."""
     tags = {PARENT_TAG: tracking.parent_run_id} if tracking.get("parent_run_id") else {}
     trial = tracking.get("trial")
     if trial:
-        tags |= {"study": str(trial.study), "trial": str(trial.number)}
+        origin = trial.get("origin", trial.number)
+        tags |= {"study": str(trial.study), "trial": str(origin), "trial.attempt": str(trial.number)}
         tags |= {f"trial.{name}": str(value) for name, value in trial.params.items()}
     return tags
