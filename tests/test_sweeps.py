@@ -277,7 +277,10 @@ def test_optuna_sweep_stores_trials_nests_mlflow_runs_and_writes_best_params(tmp
     assert parent.info.status == "FINISHED" and len(children) == 3
     for trial, child in zip(study.trials, children):
         tags = child.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == f"{study.study_name}-trial{trial.number}"
+        assert (
+            tags["mlflow.parentRunId"] == parent.info.run_id
+            and child.info.run_name == f"{study.study_name}-trial{trial.number}"
+        )
         assert {key: tags[f"trial.{key}"] for key in trial.params} == {
             key: str(value) for key, value in trial.params.items()
         }
@@ -359,3 +362,36 @@ def test_a_full_disk_in_a_project_trial_requeues_it_and_the_rerun_continues_its_
     [retried] = [r for r in children if r.data.tags["trial"] == "1"]  # it stands for; the attempt that ran it last
     assert retried.data.tags["trial.attempt"] == "3" and retried.info.run_name.endswith("-trial1")
     assert retried.data.params["tracking.trial.origin"] == "1"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("y=interval(0,1)", "hydra.sweeper.params: y is not a key of the config"),
+        ("x=tag(log,interval(0,1))", "hydra.sweeper.params: an impossible range"),
+    ],
+)
+def test_a_bad_search_space_is_one_line_before_the_study_is_touched(fake_sweep, override, message):
+    with pytest.raises(UserError, match=message) as caught:
+        fake_sweep(lambda number, x: x, 2, override)
+    assert "\n" not in str(caught.value)
+    assert optuna.get_all_study_summaries(fake_sweep.storage) == []  # nothing created, nothing queued
+
+
+def test_a_typo_is_named_with_the_key_it_probably_meant(fake_sweep):
+    with pytest.raises(UserError, match=r"tracking.trail is not a key of the config \(did you mean tracking.trial\?\)"):
+        fake_sweep(lambda number, x: x, 2, "tracking.trail=choice(0,1)")
+
+
+def test_a_study_poisoned_by_a_queued_typo_is_repaired_by_the_corrected_command(fake_sweep):
+    study = optuna.create_study(study_name="fake", storage=fake_sweep.storage, direction="maximize")
+    poisoned = optuna.create_trial(
+        state=TrialState.WAITING,
+        params={"x_typo": 1},
+        distributions={"x_typo": optuna.distributions.CategoricalDistribution([0, 1])},
+    )
+    study.add_trial(poisoned)
+    results = fake_sweep(lambda number, x: x, 2)
+    trials = load_study(fake_sweep.storage, "fake").trials
+    assert trials[0].state == TrialState.FAIL and "failure" not in trials[0].user_attrs  # dropped, not counted
+    assert results["trials"] == {"complete": 2, "fail": 1} and all("x" in t.params for t in trials[1:])

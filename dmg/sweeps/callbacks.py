@@ -129,6 +129,14 @@ class SweepParentRun(Callback):
         self.results_file = Path(results_file)
         self.run_id: str | None = None
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        """An Optuna recipe run without ``-m``: one line, exit 1 (its trials need the sweeper)."""
+        with exit_on_user_error():
+            raise UserError(
+                f"study {self.study} is an Optuna search: add -m to run its trials (python launch.py -m "
+                f"{' '.join(config.hydra.overrides.task)})"
+            )
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
             self.client = mlflow_client(self.tracking_uri)  # not in __init__: callbacks travel pickled to remote jobs

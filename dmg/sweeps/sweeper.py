@@ -22,6 +22,7 @@ and replaces its batch loop:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -124,13 +125,13 @@ class ResumableOptuna(OptunaSweeperImpl):
         self.trial_key = trial_key
         self.results_file = Path(results_file)
         self.awaited = ""
-        conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
-        self.custom_search_space_extender = extend_with(conditions, self.custom_search_space_extender)
+        self.conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
+        self.custom_search_space_extender = extend_with(self.conditions, self.custom_search_space_extender)
 
     def sweep(self, arguments: list[str]) -> None:
         """Run trials until the study holds ``n_trials`` finished ones; write the best trial to ``results_file``."""
         space, fixed = self.parse_search_space(arguments)
-        study = self.open_study()
+        study = self.open_study([*space, *self.conditions])
         failures_in_a_row = 0
         while finished(study.get_trials(deepcopy=False)) < self.n_trials:
             trials = self.start_trials(study)
@@ -178,11 +179,19 @@ class ResumableOptuna(OptunaSweeperImpl):
         self._process_searchspace_config()
         arguments = [*self._parse_sweeper_params_config(), *arguments]
         options = self.hydra_context.config_loader.get_group_options
-        space, fixed = create_params_from_overrides([expand_glob(argument, options) for argument in arguments])
-        return {name: value for name, value in space.items() if name not in fixed}, fixed
+        try:
+            space, fixed = create_params_from_overrides([expand_glob(argument, options) for argument in arguments])
+        except ValueError as error:  # Optuna's distributions check their ranges (log scale from 0, low > high)
+            raise UserError(f"hydra.sweeper.params: an impossible range: {str(error).splitlines()[0]}") from None
+        space = {name: value for name, value in space.items() if name not in fixed}
+        check_search_space(self.config, list(space))  # conditional ones exist only when their condition holds
+        return space, fixed
 
-    def open_study(self) -> optuna.Study:
-        """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole."""
+    def open_study(self, names: list[str]) -> optuna.Study:
+        """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole.
+
+        Queued trials with parameters outside the search space ``names`` (left by an earlier command with a typo)
+        are dropped, so that the corrected command repairs the study."""
         storage = self.storage
         with store_lock(storage):
             create_sqlite_atomically(storage, _create_optuna_tables)
@@ -198,6 +207,7 @@ class ResumableOptuna(OptunaSweeperImpl):
                     load_if_exists=True,
                 )
             )
+            drop_misfits(study, names)
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
             self.sampler.reseed_rng()
@@ -246,6 +256,32 @@ class ResumableOptuna(OptunaSweeperImpl):
         return [
             (*each, f"{self.trial_key}={describe(study.study_name, trial)}") for each, trial in zip(overrides, trials)
         ]
+
+
+def drop_misfits(study: optuna.Study, names: list[str]) -> None:
+    """Mark FAIL (not counted) the WAITING trials whose parameters are not in the search space."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        strays = sorted(set(trial.params) - set(names))
+        if strays and study._storage.set_trial_state(trial._trial_id, TrialState.FAIL):
+            log.warning("trial %d is dropped: %s not in the search space any more", trial.number, ", ".join(strays))
+
+
+def check_search_space(config: DictConfig, names: list[str]) -> None:
+    """Every searched name is a key of the config (or a config group), before the study is touched: a typo such as
+    ``method.overlap_lamda`` is one line, instead of a trial queued with a parameter no run can take."""
+    for name in names:
+        key = name.lstrip("+~")
+        if name.startswith("+") or OmegaConf.select(config, key, default=_MISSING) is not _MISSING:
+            continue
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(config, parent) if parent else config
+        known = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(key.rpartition(".")[2], known, n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
+        raise UserError(f"hydra.sweeper.params: {key} is not a key of the config{hint}; nothing was queued")
+
+
+_MISSING = object()
 
 
 def _process_name(trial) -> str:
@@ -316,7 +352,10 @@ def expand_glob(argument: str, group_options: Callable[[str], list[str]]) -> str
 
 def parse_condition(name: str, spec: Mapping) -> Condition:
     """``{when: {mask: scalar}, values: interval(-1, 3)}``: the condition and the distribution to sample."""
-    space, _ = create_params_from_overrides([f"{name}={spec['values']}"])
+    try:
+        space, _ = create_params_from_overrides([f"{name}={spec['values']}"])
+    except ValueError as error:  # an impossible range, such as a log scale from 0
+        raise UserError(f"conditional parameter {name}: an impossible range: {str(error).splitlines()[0]}") from None
     if name not in space:
         raise UserError(
             f"conditional parameter {name}: values must be a sweep such as interval(0, 1), got {spec['values']!r}"
