@@ -147,3 +147,23 @@ def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(tmp_p
     assert len({output.split()[-1] for output in outputs}) == 1  # both workers use the same parent run
     client = MlflowClient(tracking)
     assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 1
+
+
+def test_a_run_finished_while_an_identical_command_started_is_reported_not_trained_again(tmp_path):
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/checkpoints"]
+    tiny = ["dataset.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false", "resume=skip_finished"]
+    (tmp_path / "race").mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
+    environment["DMG_RACE_WINDOW"] = "skip_finished"  # found no finished run, not yet under the config's lock
+    command = [sys.executable, str(ROOT / "launch.py"), *tiny, *store]
+    late = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_for(lambda: list((tmp_path / "race").glob("skip_finished.*")) or late.poll() is not None, "the window")
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE)  # no window
+    assert first.returncode == 0, first.stdout + first.stderr
+    (tmp_path / "race" / "go").touch()
+    [output] = finish(late)
+    assert "already finished with this config" in output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])) == 1

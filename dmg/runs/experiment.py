@@ -36,7 +36,8 @@ from dmg.runs.summary import (
     print_summary,
     summarize,
 )
-from dmg.runs.tracking import Tracker, finished_run, git_commit
+from dmg.runs.tracking import RunFinished, Tracker, finished_run, git_commit
+from dmg.runs.windows import window
 from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the value of ``cfg.optimized_metric``."""
     check_settings(cfg)
     if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
-        log.info("run %s already finished with this config: reporting its result", done.info.run_id)
-        return done.data.metrics[cfg.optimized_metric]
+        return report_finished(done, cfg.optimized_metric)
+    window("skip_finished")  # checked, not yet locked: Tracker.start checks again under the config's lock
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
@@ -59,10 +60,18 @@ def run(cfg: DictConfig) -> float:
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
-        summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags())
+        try:
+            summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags())
+        except RunFinished as finished:
+            return report_finished(finished.run, cfg.optimized_metric)
     title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
     print_summary(summary, sources, targets, title)
     return summary[cfg.optimized_metric]
+
+
+def report_finished(done, metric: str) -> float:
+    log.info("run %s already finished with this config: reporting its result", done.info.run_id)
+    return done.data.metrics[metric]
 
 
 def train_and_track(

@@ -94,6 +94,14 @@ def flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield name, str(value)[:MAX_PARAM_VAL_LENGTH]
 
 
+class RunFinished(Exception):  # noqa: N818 - an outcome, not an error
+    """The run of this config finished meanwhile (in another process): ``run`` holds its result."""
+
+    def __init__(self, run: Run):
+        super().__init__(run.info.run_id)
+        self.run = run
+
+
 class Tracker:
     """One MLflow run, plus the exclusive lock that marks it as in progress on this machine."""
 
@@ -121,6 +129,9 @@ class Tracker:
         trial = cfg.tracking.get("trial") or {}
         retried = trial.get("origin", trial.get("number")) != trial.get("number")
         with config_lock(checkpoint_root, digest):
+            if cfg.resume == "skip_finished":  # checked again under the lock: another process may have finished it
+                for done in _runs_of_config(client, experiment, digest, finished=True, limit=1):
+                    raise RunFinished(done)
             tracker = (
                 cls._continue(client, experiment, digest, checkpoint_root, retried) if cfg.resume != "never" else None
             )
@@ -161,6 +172,9 @@ class Tracker:
                     f"run {run.info.run_id} of this config is in progress ({lock.holder()}): wait for it to end, "
                     "or pass resume=never to start a separate run"
                 )
+            if client.get_run(run.info.run_id).info.status == "FINISHED":  # finished while we looked
+                lock.release()
+                raise RunFinished(client.get_run(run.info.run_id))
             client.update_run(run.info.run_id, status="RUNNING")
             return cls(client, run.info.run_id, lock, resumed=True)
         return None
