@@ -167,3 +167,44 @@ def test_a_run_finished_while_an_identical_command_started_is_reported_not_train
     assert "already finished with this config" in output
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])) == 1
+
+
+STRESS_ROUNDS, STRESS_WORKERS, STRESS_TRIALS, STRESS_KILLS = 3, 5, 7, 2
+
+
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_stress_five_workers_seven_trials_random_kill_9(tmp_path, round_):
+    """5 workers share a 7-trial study whose trials are MLflow runs; 2 random workers are killed (-9) while they
+    train and replaced. Exactly 7 trials count, each trained to its end once, one MLflow run each, none RUNNING."""
+    import random
+
+    chooser = random.Random(round_)
+    storage, ledger = f"sqlite:///{tmp_path}/optuna.db", tmp_path / "ledger"
+    stress = [f"+stress.ledger={ledger}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+
+    def start(seed: int) -> subprocess.Popen:
+        return worker(tmp_path, storage, STRESS_TRIALS, seed, *stress, window="train:1", DMG_RACE_PARTIES="99")
+
+    workers = {seed: start(seed) for seed in range(STRESS_WORKERS)}
+    seen, killed = set(), 0
+    while killed < STRESS_KILLS and any(each.poll() is None for each in workers.values()):
+        training = {path.name.split(".")[1] for path in (tmp_path / "race").glob("train.*")} - seen
+        live = [seed for seed, each in workers.items() if each.poll() is None and str(each.pid) in training]
+        if live:
+            victim = chooser.choice(sorted(live))
+            workers[victim].kill()
+            workers[victim].wait()
+            seen.add(str(workers.pop(victim).pid))
+            killed += 1
+            workers[100 + killed] = start(100 + killed)  # the cluster restarts a worker
+        time.sleep(0.05)
+    finish(*workers.values())
+    trials = counted(storage)
+    assert len(trials) == STRESS_TRIALS and len({t.params["x"] for t in trials}) == STRESS_TRIALS
+    trained = [float(line) for line in ledger.read_text().split()]
+    assert sorted(trained) == sorted(t.params["x"] for t in trials)  # each trial's params trained to the end once
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == STRESS_TRIALS and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.metrics["value"] for r in runs) == sorted(trained)  # one run per trial
+    print(f"stress round {round_}: {killed} kills, {len(trials)} trials, {len(runs)} runs")
