@@ -149,8 +149,9 @@ def build(node: DictConfig, key: str, **kwargs):
 
 def _is_config_error(cause: BaseException) -> bool:
     """Whether ``instantiate`` failed on the config itself (an unknown ``_target_``, a key the constructor does not
-    take, a missing argument) rather than inside the constructor's code."""
-    if cause.__traceback__ is None or isinstance(cause, InstantiationException):
+    take, a missing argument, a value the constructor rejects with ``ValueError``) rather than by a bug inside the
+    constructor's code."""
+    if cause.__traceback__ is None or isinstance(cause, (InstantiationException, ValueError)):
         return True
     frames = traceback.extract_tb(cause.__traceback__)
     return isinstance(cause, (TypeError, ImportError, AttributeError)) and "hydra" in Path(frames[-1].filename).parts
