@@ -353,9 +353,9 @@ def test_a_full_disk_in_a_project_trial_requeues_it_and_the_rerun_continues_its_
     runs = client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])
     children = [r for r in runs if "trial" in r.data.tags]
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}  # trial 1's run was continued
-    assert sorted(r.data.tags["trial"] for r in children) == ["0", "1", "2"]  # name, params and tag: the trial
+    assert sorted(r.data.tags["trial"] for r in children) == ["0", "1", "3"]  # name, params and tag: the trial
     [retried] = [r for r in children if r.data.tags["trial"] == "1"]  # it stands for; the attempt that ran it last
-    assert retried.data.tags["trial.attempt"] == "3" and retried.info.run_name.endswith("-trial1")
+    assert retried.data.tags["trial.attempt"] == "2" and retried.info.run_name.endswith("-trial1")
     assert retried.data.params["tracking.trial.origin"] == "1"
 
 
