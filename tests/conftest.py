@@ -8,6 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.postgres import postgres, postgres_server  # noqa: F401 - fixtures: a throwaway PostgreSQL server
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A fast run on the embedded data: 1,200 digits, a narrow CNN, few epochs.

@@ -125,7 +125,7 @@ def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(
     sent = time.monotonic()
     process.send_signal(signal.SIGCONT)
     code, output = finish(process)
-    assert code == 128 + signal.SIGTERM and time.monotonic() - sent < 10, output
+    assert code == 128 + signal.SIGTERM and time.monotonic() - sent < HANG, output  # a deadline for a hang only
     assert "Traceback" not in output and "rerun the same command to continue it" in output
     client, (stopped,) = runs_in(tmp_path)
     assert stopped.info.status == "KILLED"
@@ -156,6 +156,7 @@ def study_trials(folder: Path, name: str) -> list:
 
 SWEEP = ["-m", "+sweep=dmg_search", "epochs=1", "hydra.sweeper.sampler.seed=0"]  # heartbeats: 60 s, grace 120 s
 STUDY = "dmg-rotated_mnist-small_cnn-rot30"
+HANG = 300  # seconds: only a hang takes this long; a busy machine never fails a test
 
 
 def test_a_sweep_killed_during_a_trial_finishes_when_rerun_at_once(tmp_path, store_template):
@@ -169,10 +170,9 @@ def test_a_sweep_killed_during_a_trial_finishes_when_rerun_at_once(tmp_path, sto
     )  # fmt: skip
     sweep.kill()
     sweep.wait()
-    start = time.monotonic()
     code, output = finish(launch(tmp_path, *SWEEP, "hydra.sweeper.n_trials=3"))
     assert code == 0, output
-    assert time.monotonic() - start < 110  # the dead trial was found at once, not after the 120 s grace period
+    assert "trial 1 is queued again: its process is gone" in output  # found dead at once, not by the 120 s grace
     trials = study_trials(tmp_path, STUDY)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}

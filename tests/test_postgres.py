@@ -1,13 +1,11 @@
-"""Sweeps across machines: one Optuna study and one MLflow store on a real PostgreSQL server (started from the
-pip-installable ``pgserver`` binaries in a temporary folder), shared by workers started at the same instant."""
+"""Sweeps across machines: one Optuna study and one MLflow store on a real PostgreSQL server (a throwaway one from the
+system's binaries, tests/postgres.py), shared by workers started at the same instant."""
 
 from __future__ import annotations
 
-import itertools
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,30 +19,11 @@ from dmg.errors import SetupError
 from dmg.runs.experiment import run
 from dmg.runs.stores import check_store_uri
 from tests.conftest import compose_config
+from tests.postgres import PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.max_images=300", "backbone.network.width=4", "progress=false"]
 STUDY = "dmg-rotated_mnist-small_cnn-rot30"
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL server; ``postgres()`` returns the URL of a new, empty database on it."""
-    pgserver = pytest.importorskip("pgserver", reason='no PostgreSQL binaries: pip install -e ".[dev]" brings pgserver')
-    folder = Path(tempfile.mkdtemp(prefix="dmg-postgres-"))
-    try:
-        server = pgserver.get_server(folder, cleanup_mode="delete")
-    except Exception as error:  # noqa: BLE001 - whatever keeps a server from starting here
-        pytest.skip(f"no PostgreSQL server could be started here: {error}")
-
-    def new_database() -> str:
-        name = f"dmg{next(_databases)}"
-        server.psql(f"create database {name};")
-        return server.get_uri(name)
-
-    yield new_database
-    server.cleanup()
 
 
 def test_a_run_and_the_report_on_a_postgresql_store(postgres, tmp_path, capsys):
@@ -59,15 +38,14 @@ def test_a_run_and_the_report_on_a_postgresql_store(postgres, tmp_path, capsys):
 
 def test_an_unreachable_database_is_one_line_with_the_password_masked(postgres):
     good = postgres()
-    wrong = (
-        good.replace("postgres:@", "postgres:secret@").rsplit("/", 1)[0]
-        + "/no_such_database"
-        + "?"
-        + good.split("?")[1]
-    )
+    wrong = good.replace(PASSWORD, "secret")  # a wrong password
     with pytest.raises(SetupError, match="cannot connect to the database") as caught:
         check_store_uri(wrong, "tracking.uri")
     assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
+    wrong = good.split("?")[0].rsplit("/", 1)[0] + "/no_such_database?" + good.split("?")[1]
+    with pytest.raises(SetupError, match="cannot connect to the database") as caught:
+        check_store_uri(wrong, "tracking.uri")
+    assert PASSWORD not in str(caught.value) and "\n" not in str(caught.value)
 
 
 def launch(folder: Path, *overrides: str) -> subprocess.Popen:

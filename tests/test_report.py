@@ -186,3 +186,29 @@ def test_runs_that_differ_in_more_than_seed_and_target_get_their_own_rows(tmp_pa
     ood = capsys.readouterr().out.split("### ")[1]
     assert "| dmg [epochs=20] | 90.00 ± 0.00 | 90.00 ± 0.00 |" in ood
     assert "| dmg [epochs=4] | 50.00 ± 0.00 | 50.00 ± 0.00 |" in ood
+
+
+def test_runs_are_keyed_by_their_full_setting_never_by_a_label_cut_short():
+    mask = {"scalar": {"mask.name": "scalar", "mask.a": "1", "mask.b": "2"}}
+    mask["random_uniform"] = {"mask.name": "random_uniform", "mask.a": "3", "mask.b": "4"}
+    settings = [("scalar", "0.1"), ("scalar", "1.0"), ("random_uniform", "0.1")]
+    rows = [
+        {"dataset": "d", "backbone": "b", "method": "dmg", "target": "t", "seed": "0", "run_id": str(number)}
+        | {"setting": report.setting(mask[kind] | {"method.overlap_lambda": weight}), "start_time": number}
+        | {"ood": float(number), "ind": float(number)}
+        for number, (kind, weight) in enumerate(settings)
+    ]
+    frame, duplicates = report.latest_per_setting(report.label_rows(report.pd.DataFrame(rows)))
+    assert duplicates == 0 and len(frame) == 3 and frame.row.nunique() == 3  # three settings, three rows
+    cells = report.table(frame, "ood")
+    assert sorted(cells[report.AVERAGE].map(lambda cell: cell.mean)) == [0.0, 1.0, 2.0]
+
+
+def test_a_store_with_only_sweep_trials_names_the_option_that_counts_them(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("e")
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": "p", "method": "dmg"})
+    client.log_metric(run.info.run_id, "selected/test/acc_mean", 0.5)
+    client.set_terminated(run.info.run_id)
+    with pytest.raises(SystemExit, match="only sweep trials match: add --include-sweep-trials"):
+        report.main(["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from dmg.runs.tracking import BOOKKEEPING_KEYS
 from dmg.sweeps.callbacks import PARENT_TAG
 
 GROUP = ["dataset", "backbone"]  # one table per dataset and backbone
-RUN_KEY = ["dataset", "backbone", "row", "target", "seed"]
+RUN_KEY = ["dataset", "backbone", "method", "setting", "target", "seed"]  # the full setting, never its label
 PER_CELL = ("seed", "target", "sources", *BOOKKEEPING_KEYS)  # params that do not make a different setting
 MAX_SHOWN = 3  # differing settings named in a row label
 AVERAGE = "Avg"
@@ -123,13 +124,21 @@ def label_rows(frame: pd.DataFrame) -> pd.DataFrame:
         if len(settings) < 2:
             continue
         differing = sorted({key for one in settings for key in one if len({str(s.get(key)) for s in settings}) > 1})
-        for value in group.setting.unique():
-            named = dict(value)
-            shown = ", ".join(f"{key}={named.get(key)}" for key in differing[:MAX_SHOWN])
-            more = f", +{len(differing) - MAX_SHOWN} more" if len(differing) > MAX_SHOWN else ""
-            index = group.index[group.setting == value]
-            frame.loc[index, "row"] = f"{group.method.iloc[0]} [{shown}{more}]"
+        labels = {
+            value: setting_label(group.method.iloc[0], dict(value), differing) for value in group.setting.unique()
+        }
+        shared = Counter(labels.values())
+        for value, label in labels.items():  # a label cut short that two settings share: name every difference
+            full = setting_label(group.method.iloc[0], dict(value), differing, len(differing))
+            frame.loc[group.index[group.setting == value], "row"] = full if shared[label] > 1 else label
     return frame
+
+
+def setting_label(method: str, named: dict, differing: list[str], shown: int = MAX_SHOWN) -> str:
+    """``dmg [mask=scalar, method.overlap_lambda=0.1, +2 more]``: the method and the first differing settings."""
+    listed = ", ".join(f"{key}={named.get(key)}" for key in differing[:shown])
+    more = f", +{len(differing) - shown} more" if len(differing) > shown else ""
+    return f"{method} [{listed}{more}]"
 
 
 def latest_per_setting(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -336,12 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     frame = run_frame(client, runs, selection, args.include_sweep_trials)
     frame, duplicates = latest_per_setting(frame)
     if frame.empty:
-        raise SystemExit("error: no finished run matches (check --tracking-uri, --experiment and the filters)")
+        trials = not args.include_sweep_trials and any(PARENT_TAG in run.data.tags for run in runs)
+        hint = "; only sweep trials match: add --include-sweep-trials to count them" if trials else ""
+        raise SystemExit(f"error: no finished run matches (check --tracking-uri, --experiment and the filters){hint}")
     sys.stdout.write(report(frame, selection, args.format, args.method))
-    if duplicates and args.format != "csv":
-        sys.stdout.write(
-            f"\n{'% ' if args.format == 'latex' else ''}{duplicates} older run(s) of an already covered setting were ignored (the newest counts).\n"
-        )
+    if duplicates:
+        note = f"{duplicates} older run(s) of an already covered setting were ignored (the newest counts).\n"
+        if args.format == "csv":
+            sys.stderr.write(note)  # the CSV stays a table; the note goes beside it
+        else:
+            sys.stdout.write(f"\n{'% ' if args.format == 'latex' else ''}{note}")
     if args.overlap and args.format != "csv":
         sys.stdout.write("\n" + overlap_report(client, frame))
 

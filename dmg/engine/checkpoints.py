@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -91,13 +93,17 @@ def one_based(state: dict) -> dict:
 
 
 def _read(path: Path) -> dict | None:
-    """A checkpoint's content, or None (with a warning naming the file) if it is missing or cannot be read."""
+    """A checkpoint's content, or None (with a warning naming the file) if it is missing or damaged (truncated, not
+    an archive, bad pickle data). Any other error (a class that no longer imports, a failing disk) is raised: the
+    file may be sound, and training again from an older state would hide the problem."""
     if not path.exists():
         return None
     try:
         return one_based(torch.load(path, map_location="cpu", weights_only=False))
-    except Exception as error:  # noqa: BLE001 - torch and pickle raise many types for a damaged file
-        log.warning("checkpoint %s cannot be read (%s: %s)", path, type(error).__name__, error)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not the archive's damage: a bug or the machine, with its traceback
+        log.warning("checkpoint %s cannot be read (%s: %s)", path, type(error).__name__, str(error).splitlines()[0])
         return None
 
 

@@ -108,16 +108,16 @@ def broadcast(value):
     return box[0]
 
 
-def on_writer(function):
-    """``function()`` run on rank 0 alone; its error (a :class:`UserError`) is raised on every rank, so that no rank
-    waits for a rank 0 that has given up. Returns the result on rank 0, None elsewhere."""
+def on_writer(function, shared: tuple[type[Exception], ...] = (UserError,)):
+    """``function()`` run on rank 0 alone; its ``shared`` exceptions (a :class:`UserError`) are raised on every rank,
+    so that no rank waits for a rank 0 that has given up. Returns the result on rank 0, None elsewhere."""
     if not _ranks.distributed:
         return function()
     result, problem = None, None
     if _ranks.is_writer:
         try:
             result = function()
-        except UserError as error:
+        except shared as error:
             problem = error
     problem = broadcast(problem)
     if problem is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import traceback
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ from dmg.runs.summary import (
     summary_by_step,
     summary_keys,
 )
-from dmg.runs.tracking import NoTracker, Tracker, finished_run, flatten, git_commit
+from dmg.runs.tracking import NoTracker, RunFinished, Tracker, finished_run, flatten, git_commit
+from dmg.runs.windows import window
 from dmg.sweeps.callbacks import sweep_tags
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,8 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
     """The run of this rank (of all of it in one process), once the process group is up."""
     finished = distributed.broadcast(distributed.on_writer(lambda: finished_result(cfg)))
     if finished:
-        log.info("run %s already finished with this config: reporting its result", finished[0])
-        return finished[1]
+        return report_finished(*finished)
+    window("skip_finished")  # checked, not yet locked: Tracker.start checks again under the config's lock
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
@@ -81,7 +83,10 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
     with sigterm_raises():
-        summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags() | world_tags(ranks))
+        try:
+            summary = train_and_track(cfg, method, averaging, loaders, splits, compute.tags() | world_tags(ranks))
+        except RunFinished as finished:
+            return report_finished(*result_of(finished.run, cfg.optimized_metric))
     if ranks.is_writer:
         title = f"{method_label(cfg)} on {cfg.dataset.name} ({cfg.backbone.name}), MLflow run {summary['run_id']}"
         print_summary(summary, sources, targets, title)
@@ -91,10 +96,18 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
 def finished_result(cfg: DictConfig) -> tuple[str, float] | None:
     """``resume=skip_finished``: the id and result of a finished run of this config, if there is one."""
     done = finished_run(cfg) if cfg.resume == "skip_finished" else None
-    if done is None:
-        return None
-    check_optimized_metric(cfg.optimized_metric, sorted(done.data.metrics))
-    return done.info.run_id, done.data.metrics[cfg.optimized_metric]
+    return result_of(done, cfg.optimized_metric) if done else None
+
+
+def result_of(done, metric: str) -> tuple[str, float]:
+    """The id of a finished run and its value of ``metric`` (checked: it must be one the run logged)."""
+    check_optimized_metric(metric, sorted(done.data.metrics))
+    return done.info.run_id, done.data.metrics[metric]
+
+
+def report_finished(run_id: str, result: float) -> float:
+    log.info("run %s already finished with this config: reporting its result", run_id)
+    return result
 
 
 def check_world_size(cfg: DictConfig, ranks: Ranks) -> None:
@@ -188,7 +201,8 @@ def start_line(tracker: Tracker, done: int, epochs: int) -> str:
 def start_tracker(cfg: DictConfig, tags: dict[str, str], splits: DomainSplits, curated: dict) -> Tracker | NoTracker:
     """The run's MLflow tracker on rank 0 (the one writer); the other ranks get its run id and write nothing."""
     tracker = distributed.on_writer(
-        lambda: Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated)
+        lambda: Tracker.start(cfg, tags, Path(cfg.checkpoint_dir), dataset_input(cfg, splits), curated),
+        shared=(UserError, RunFinished),
     )
     run_id = distributed.broadcast(tracker.run_id if tracker else None)
     return tracker if tracker is not None else NoTracker(run_id)
@@ -226,7 +240,19 @@ def build(node: DictConfig, key: str, **kwargs):
             raise cause.under(key) from None
         if isinstance(cause, UserError):
             raise cause from None
+        if not _is_config_error(cause):
+            raise cause  # a bug in the component: its traceback, and a sweep re-queues the trial instead of FAIL
         raise UserError(f"bad {key} setting: {str(cause).splitlines()[0]}") from None
+
+
+def _is_config_error(cause: BaseException) -> bool:
+    """Whether ``instantiate`` failed on the config itself (an unknown ``_target_``, a key the constructor does not
+    take, a missing argument, a value the constructor rejects with ``ValueError``) rather than by a bug inside the
+    constructor's code."""
+    if cause.__traceback__ is None or isinstance(cause, (InstantiationException, ValueError)):
+        return True
+    frames = traceback.extract_tb(cause.__traceback__)
+    return isinstance(cause, (TypeError, ImportError, AttributeError)) and "hydra" in Path(frames[-1].filename).parts
 
 
 def build_method(cfg: DictConfig, sources: list[str]) -> Method:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -36,6 +37,9 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
 ADVISORY_LOCK_KEY = 0x646D6773  # "dmgs": the PostgreSQL advisory lock held while a store is created or migrated
 MOUNTS = Path("/proc/mounts")
+# the password of any URL with credentials: scheme://user:PASSWORD@host (a literal '@' in a password is %40)
+URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@'\"]*:)([^\s@/'\"]+)(@)")
+MASK = "***"
 USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000 or postgresql://user@host/db"
 SQLITE_FORM = "sqlite:///mlflow.db (three slashes before a relative path, four before an absolute one)"
 
@@ -97,12 +101,41 @@ def _engine(uri: str, timeout: float = 10.0) -> sqlalchemy.engine.Engine:
 
 def shown(uri: str) -> str:
     """A store URI fit for a message: a database password is masked."""
-    if scheme(uri) not in DATABASE_SCHEMES:
-        return uri
-    try:
-        return make_url(uri).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a malformed URL is shown as given, it holds no parsable password
-        return uri
+    return mask_secrets(uri)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it masked (``postgresql://user:***@host/db``)."""
+    return URL_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", text)
+
+
+def masked(tree):
+    """A config, mapping or list (``OmegaConf.to_container``'s output) with every URL password masked."""
+    if isinstance(tree, dict):
+        return {key: masked(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(masked(value) for value in tree)
+    return mask_secrets(tree) if isinstance(tree, str) else tree
+
+
+def install_log_masking() -> None:
+    """Mask URL passwords in every log record of this process (Hydra's launch lines, job logs, our messages).
+
+    A record factory, not a handler filter: Hydra reconfigures the handlers for every job.
+    """
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_secrets", False):
+        return
+
+    def masking_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = mask_secrets(message), ()
+        return record
+
+    masking_record.masks_secrets = True
+    logging.setLogRecordFactory(masking_record)
 
 
 def check_store_uri(uri: str, key: str, timeout: float = 5.0) -> None:
@@ -230,9 +263,10 @@ def mlflow_client(uri: str) -> MlflowClient:
     except SetupError:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a broken store
+        hint = "; it was written by another MLflow version: back it up and run `mlflow db upgrade <uri>`"
+        schema = "database schema" in str(error) or "alembic" in str(error).lower()
         raise SetupError(
-            f"tracking.uri={shown(uri)}: cannot open the MLflow store ({_first_line(error)}); "
-            "if it was written by another MLflow version, back it up and run `mlflow db upgrade <uri>`"
+            f"tracking.uri={shown(uri)}: cannot open the MLflow store ({_first_line(error)}){hint if schema else ''}"
         ) from None
     return client
 
@@ -265,5 +299,5 @@ def _create_mlflow_tables(url: str) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    text = mask_secrets(str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"

@@ -27,7 +27,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from omegaconf import DictConfig, OmegaConf
 
 from dmg.errors import RunInProgress
-from dmg.runs.stores import mlflow_client
+from dmg.runs.stores import mask_secrets, masked, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,14 @@ def flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield name, str(value)[:MAX_PARAM_VAL_LENGTH]
 
 
+class RunFinished(Exception):  # noqa: N818 - an outcome, not an error
+    """The run of this config finished meanwhile (in another process): ``run`` holds its result."""
+
+    def __init__(self, run: Run):
+        super().__init__(run.info.run_id)
+        self.run = run
+
+
 class Tracker:
     """One MLflow run, plus the exclusive lock that marks it as in progress on this machine."""
 
@@ -131,9 +139,13 @@ class Tracker:
         experiment = experiment_id(client, cfg.tracking.experiment)
         digest = config_hash(cfg)
         tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        tags = {key: mask_secrets(value) for key, value in tags.items()}
         trial = cfg.tracking.get("trial") or {}
         retried = trial.get("origin", trial.get("number")) != trial.get("number")
         with config_lock(checkpoint_root, digest):
+            if cfg.resume == "skip_finished":  # checked again under the lock: another process may have finished it
+                for done in _runs_of_config(client, experiment, digest, finished=True, limit=1):
+                    raise RunFinished(done)
             tracker = (
                 cls._continue(client, experiment, digest, checkpoint_root, retried) if cfg.resume != "never" else None
             )
@@ -174,6 +186,9 @@ class Tracker:
                     f"run {run.info.run_id} of this config is in progress ({lock.holder()}): wait for it to end, "
                     "or pass resume=never to start a separate run"
                 )
+            if client.get_run(run.info.run_id).info.status == "FINISHED":  # finished while we looked
+                lock.release()
+                raise RunFinished(client.get_run(run.info.run_id))
             client.update_run(run.info.run_id, status="RUNNING")
             return cls(client, run.info.run_id, lock, resumed=True)
         return None
@@ -185,13 +200,14 @@ class Tracker:
 
     def log_config(self, cfg: DictConfig, known: Mapping[str, str], curated: Mapping[str, str] = {}) -> None:  # noqa: B006
         """The resolved config as params, with the ``curated`` ones (but the ``known`` ones, already logged), and as
-        ``config.yaml``."""
-        params = [Param(key, value) for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))]
+        ``config.yaml``; passwords in URLs (``tracking.uri``) are masked."""
+        content = masked(OmegaConf.to_container(cfg, resolve=True))
+        params = [Param(key, value) for key, value in flatten(content)]
         params += [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in curated.items()]
         params = [param for param in params if param.key not in known]
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-        self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        self.log_text(OmegaConf.to_yaml(OmegaConf.create(content)), "config.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log the metrics of ``step``, except those this run already holds for that step (a resumed run)."""

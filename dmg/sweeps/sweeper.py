@@ -22,8 +22,10 @@ and replaces its batch loop:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -43,11 +45,13 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
 from dmg.errors import BadValue, UserError, check_count, check_number
-from dmg.runs.stores import check_store_uri, create_sqlite_atomically, store_lock
+from dmg.runs.stores import check_store_uri, create_sqlite_atomically, install_log_masking, masked, store_lock
+from dmg.runs.windows import window
 from dmg.sweeps.trials import (
     COMPLETE,
     PROCESS_ATTR,
     RETRY,
+    TAKEN,
     claim,
     finished,
     heartbeat,
@@ -55,8 +59,8 @@ from dmg.sweeps.trials import (
     record,
     requeue,
     requeue_abandoned,
-    retry,
     running,
+    uncached,
 )
 
 log = logging.getLogger(__name__)
@@ -82,8 +86,10 @@ def check_options(sweeper: DictConfig | Mapping) -> None:
         check_number("hydra.sweeper.grace_period", sweeper.get("grace_period"), above=0)
     if str(sweeper.get("direction")) not in ("maximize", "minimize"):
         raise BadValue("hydra.sweeper.direction", "maximize or minimize", sweeper.get("direction"))
-    if isinstance(sweeper.get("storage"), str):
-        check_store_uri(sweeper.get("storage"), "hydra.sweeper.storage")
+    if not isinstance(sweeper.get("storage"), str):
+        expected = "a database URL such as sqlite:///optuna.db (a study in memory is neither shared nor resumed)"
+        raise BadValue("hydra.sweeper.storage", expected, sweeper.get("storage"))
+    check_store_uri(sweeper.get("storage"), "hydra.sweeper.storage")
 
 
 class ResumableOptuna(OptunaSweeperImpl):
@@ -107,6 +113,7 @@ class ResumableOptuna(OptunaSweeperImpl):
         results_file: str = "optimization_results.yaml",
     ) -> None:
         check_options(locals())
+        install_log_masking()  # Hydra's launch lines hold the storage and tracking URLs
         super().__init__(
             sampler, direction, storage, study_name, n_trials, n_jobs, 1.0, None, custom_search_space, params
         )
@@ -118,20 +125,19 @@ class ResumableOptuna(OptunaSweeperImpl):
         self.trial_key = trial_key
         self.results_file = Path(results_file)
         self.awaited = ""
-        conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
-        self.custom_search_space_extender = extend_with(conditions, self.custom_search_space_extender)
+        self.conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
+        self.custom_search_space_extender = extend_with(self.conditions, self.custom_search_space_extender)
 
     def sweep(self, arguments: list[str]) -> None:
         """Run trials until the study holds ``n_trials`` finished ones; write the best trial to ``results_file``."""
         space, fixed = self.parse_search_space(arguments)
-        study = self.open_study()
+        study = self.open_study([*space, *self.conditions])
         failures_in_a_row = 0
         while finished(study.get_trials(deepcopy=False)) < self.n_trials:
-            size = self.batch_size(study)
-            if size == 0:
+            trials = self.start_trials(study)
+            if not trials:
                 self.wait_for_others(study)
                 continue
-            trials = [claim(study.ask()) for _ in range(size)]
             returns = self.run_trials(study, trials, space, fixed)
             outcomes = [record(study, trial, job) for trial, job in zip(trials, returns)]
             failures_in_a_row = self.check_outcomes(study.study_name, outcomes, failures_in_a_row)
@@ -146,7 +152,8 @@ class ResumableOptuna(OptunaSweeperImpl):
                 "above); it is queued again: fix the problem and rerun the same command"
             )
         for outcome in outcomes:
-            failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
+            if outcome != TAKEN:  # a trial another worker re-queued meanwhile says nothing about its config
+                failures_in_a_row = 0 if outcome == COMPLETE else failures_in_a_row + 1
         if failures_in_a_row >= self.max_consecutive_failures:
             raise SweepFailed(
                 f"the last {failures_in_a_row} trials of study {study_name} failed because of their configs "
@@ -172,40 +179,54 @@ class ResumableOptuna(OptunaSweeperImpl):
         self._process_searchspace_config()
         arguments = [*self._parse_sweeper_params_config(), *arguments]
         options = self.hydra_context.config_loader.get_group_options
-        space, fixed = create_params_from_overrides([expand_glob(argument, options) for argument in arguments])
-        return {name: value for name, value in space.items() if name not in fixed}, fixed
+        try:
+            space, fixed = create_params_from_overrides([expand_glob(argument, options) for argument in arguments])
+        except ValueError as error:  # Optuna's distributions check their ranges (log scale from 0, low > high)
+            raise UserError(f"hydra.sweeper.params: an impossible range: {str(error).splitlines()[0]}") from None
+        space = {name: value for name, value in space.items() if name not in fixed}
+        check_search_space(self.config, list(space))  # conditional ones exist only when their condition holds
+        return space, fixed
 
-    def open_study(self) -> optuna.Study:
-        """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole."""
+    def open_study(self, names: list[str]) -> optuna.Study:
+        """Load (or create) the study; a storage URL gets heartbeats, and a new SQLite file is created whole.
+
+        Queued trials with parameters outside the search space ``names`` (left by an earlier command with a typo)
+        are dropped, so that the corrected command repairs the study."""
         storage = self.storage
-        with store_lock(storage or ""):
-            if isinstance(storage, str):
-                create_sqlite_atomically(storage, _create_optuna_tables)
-                storage = optuna.storages.RDBStorage(
-                    storage,
-                    heartbeat_interval=self.heartbeat_interval,
-                    grace_period=self.grace_period,
-                    failed_trial_callback=retry,
-                )
-            study = optuna.create_study(
-                study_name=self.study_name,
-                storage=storage,
-                sampler=self.sampler,
-                direction=self._get_directions()[0],
-                load_if_exists=True,
+        with store_lock(storage):
+            create_sqlite_atomically(storage, _create_optuna_tables)
+            storage = optuna.storages.RDBStorage(
+                storage, heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period
             )
+            study = uncached(
+                optuna.create_study(
+                    study_name=self.study_name,
+                    storage=storage,
+                    sampler=self.sampler,
+                    direction=self._get_directions()[0],
+                    load_if_exists=True,
+                )
+            )
+            drop_misfits(study, names)
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
             self.sampler.reseed_rng()
         log.info("study %s: %d of %d trials finished", study.study_name, finished(trials), self.n_trials)
         return study
 
-    def batch_size(self, study: optuna.Study) -> int:
-        """How many trials to start now: at most ``n_jobs``, and no more than the study still lacks."""
+    def start_trials(self, study: optuna.Study) -> list[Trial]:
+        """Ask for (and claim) the trials to run now: at most ``n_jobs``, and no more than the study still lacks.
+
+        Counting and asking hold the storage's lock, so workers counting at the same instant never start more
+        than ``n_trials`` together (Optuna's ``MaxTrialsCallback`` counts without one)."""
         requeue_abandoned(study, self.grace_period)
-        trials = study.get_trials(deepcopy=False)
-        busy = sum(trial.state == TrialState.RUNNING for trial in trials)
-        return max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+        window("count")
+        with store_lock(self.storage):
+            trials = study.get_trials(deepcopy=False)
+            busy = sum(trial.state == TrialState.RUNNING for trial in trials)
+            size = max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+            window("ask")  # counted, not yet asked
+            return [claim(study.ask()) for _ in range(size)]
 
     def wait_for_others(self, study: optuna.Study) -> None:
         """The study lacks only trials that other live processes run: wait for them (or for them to go silent)."""
@@ -224,13 +245,43 @@ class ResumableOptuna(OptunaSweeperImpl):
     def trial_overrides(
         self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict
     ) -> list[tuple[str, ...]]:
-        """Each trial's command-line overrides, plus its description under ``trial_key``."""
-        overrides = self._configure_trials(trials, space, fixed)
+        """Each trial's command-line overrides, plus its description under ``trial_key``.
+
+        The fixed overrides are stored as the trials' user attributes with URL passwords masked; the jobs get them
+        as given."""
+        self._configure_trials(trials, space, masked(dict(fixed)))
+        overrides = [tuple(f"{name}={value}" for name, value in {**trial.params, **fixed}.items()) for trial in trials]
         if not self.trial_key:
             return list(overrides)
         return [
             (*each, f"{self.trial_key}={describe(study.study_name, trial)}") for each, trial in zip(overrides, trials)
         ]
+
+
+def drop_misfits(study: optuna.Study, names: list[str]) -> None:
+    """Mark FAIL (not counted) the WAITING trials whose parameters are not in the search space."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        strays = sorted(set(trial.params) - set(names))
+        if strays and study._storage.set_trial_state(trial._trial_id, TrialState.FAIL):
+            log.warning("trial %d is dropped: %s not in the search space any more", trial.number, ", ".join(strays))
+
+
+def check_search_space(config: DictConfig, names: list[str]) -> None:
+    """Every searched name is a key of the config (or a config group), before the study is touched: a typo such as
+    ``method.overlap_lamda`` is one line, instead of a trial queued with a parameter no run can take."""
+    for name in names:
+        key = name.lstrip("+~")
+        if name.startswith("+") or OmegaConf.select(config, key, default=_MISSING) is not _MISSING:
+            continue
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(config, parent) if parent else config
+        known = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(key.rpartition(".")[2], known, n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
+        raise UserError(f"hydra.sweeper.params: {key} is not a key of the config{hint}; nothing was queued")
+
+
+_MISSING = object()
 
 
 def _process_name(trial) -> str:
@@ -262,7 +313,9 @@ def save_results(study: optuna.Study, path: Path) -> dict:
         "trials": dict(states),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(results), path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")  # workers sharing the folder write it whole, in turn
+    OmegaConf.save(OmegaConf.create(masked(results)), partial)
+    os.replace(partial, path)
     log.info("best trial %d of %s: %s = %s", best.number, study.study_name, best.params, best.value)
     return results
 
@@ -299,7 +352,10 @@ def expand_glob(argument: str, group_options: Callable[[str], list[str]]) -> str
 
 def parse_condition(name: str, spec: Mapping) -> Condition:
     """``{when: {mask: scalar}, values: interval(-1, 3)}``: the condition and the distribution to sample."""
-    space, _ = create_params_from_overrides([f"{name}={spec['values']}"])
+    try:
+        space, _ = create_params_from_overrides([f"{name}={spec['values']}"])
+    except ValueError as error:  # an impossible range, such as a log scale from 0
+        raise UserError(f"conditional parameter {name}: an impossible range: {str(error).splitlines()[0]}") from None
     if name not in space:
         raise UserError(
             f"conditional parameter {name}: values must be a sweep such as interval(0, 1), got {spec['values']!r}"

@@ -4,15 +4,24 @@ A trial is FAIL for good only for reasons of its own (its config or numerics: a 
 objective); that failure counts toward ``n_trials``. Anything else (a store error, a full disk, a killed process)
 puts it back in the queue with the same parameters and never consumes the study.
 
-Every trial records the process running it (host, pid, process start time). A trial whose process died on this
-host is re-queued at once; one on another host when its heartbeat has been silent for the grace period.
+Every trial records the process running it (host, boot, PID namespace, pid, start time and a random token). A
+trial whose process died on this host (same boot and PID namespace) is re-queued at once; any other when its Optuna
+heartbeat has been silent for the grace period.
+
+Several workers share the study, so every way out of RUNNING (complete, fail, re-queue) is one compare-and-set
+transaction in the storage (``UPDATE ... WHERE state = RUNNING``): whichever worker gets there first wins and the
+others see it was done; a re-queue marks the trial FAIL and adds its WAITING copy in the same transaction, so a
+crash between the two loses nothing. Optuna 2.10's own ``fail_stale_trials`` and ``tell`` read the state, then
+write it: two workers could both pass the read (a crash, or one trial run twice), hence the transactions here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import warnings
@@ -23,19 +32,51 @@ from pathlib import Path
 
 import optuna
 from hydra.core.utils import JobReturn
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dmg.errors import SetupError, UserError
+from dmg.runs.stores import mask_secrets
+from dmg.runs.windows import window
 
 log = logging.getLogger(__name__)
 
 FAILURE_ATTR = "failure"  # user attribute of a trial that failed because of its own config or numerics
-PROCESS_ATTR = "process"  # system attribute: {host, pid, started} of the process running the trial
-COMPLETE, FAILED, RETRY = "complete", "failed", "retry"
+PROCESS_ATTR = "process"  # system attribute: the identity of the process running the trial (this_process)
+HOST_ENV = "DMG_HOST_ID"  # overrides the host name in a process's identity (tests play a second host with it)
+COMPLETE, FAILED, RETRY, TAKEN = "complete", "failed", "retry", "taken"
+TOKEN = secrets.token_hex(8)  # tells this process apart from any other, whatever namespaces hide
 
 
 def this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
+    """Who runs a trial: enough to tell, on another worker, whether this process is dead or merely elsewhere."""
+    return {
+        "host": host_name(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": _link("/proc/self/ns/pid"),
+        "pid": os.getpid(),
+        "started": process_start(os.getpid()),
+        "token": TOKEN,
+    }
+
+
+def host_name() -> str:
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def process_start(pid: int) -> str | None:
@@ -47,8 +88,13 @@ def process_start(pid: int) -> str | None:
 
 
 def is_dead(process: dict) -> bool:
-    """Whether a process recorded by :func:`this_process` on this host has ended; False where it cannot be told."""
-    if process.get("host") != socket.gethostname():
+    """Whether a process recorded by :func:`this_process` has ended; False where this process cannot tell.
+
+    Its pid means something here only on the same host, boot and PID namespace (containers sharing a host name
+    have their own pids).
+    """
+    here = this_process()
+    if any(process.get(key) != here[key] or here[key] is None for key in ("host", "boot", "pid_namespace")):
         return False
     try:
         os.kill(process["pid"], 0)
@@ -66,57 +112,102 @@ def finished(trials: list[FrozenTrial]) -> int:
 
 
 def claim(trial: Trial) -> Trial:
-    """Record that this process runs ``trial``."""
+    """Record that this process runs ``trial``, with a first heartbeat: a trial whose process dies before its
+    heartbeat thread starts is still found stale."""
     trial.set_system_attr(PROCESS_ATTR, this_process())
+    if trial.study._storage.is_heartbeat_enabled():
+        trial.study._storage.record_heartbeat(trial._trial_id)
     return trial
 
 
+def uncached(study: optuna.Study) -> optuna.Study:
+    """The study reading and writing its RDB storage directly.
+
+    Optuna's cache assumes that only the worker that asked a trial changes it; here any worker may re-queue an
+    abandoned trial, and the owner must see that.
+    """
+    study._storage = getattr(study._storage, "_backend", study._storage)
+    return study
+
+
 def requeue_abandoned(study: optuna.Study, grace_period: float) -> list[int]:
-    """Re-queue the RUNNING trials nobody runs: dead process on this host, silent heartbeat, or never claimed."""
-    with stable_enough():
-        optuna.storages.fail_stale_trials(study)  # heartbeat silent for the grace period: re-queued by the callback
-    abandoned = [trial for trial in running(study) if _abandoned(trial, grace_period)]
-    for trial in abandoned:
-        requeue(study, trial, "its process is gone")
-    return [trial.number for trial in abandoned]
+    """Re-queue the RUNNING trials nobody runs: silent heartbeat, dead process on this host, or never claimed."""
+    storage = uncached(study)._storage
+    stale = set(storage._get_stale_trial_ids(study._study_id)) if storage.is_heartbeat_enabled() else set()
+    requeued = []
+    for trial in running(study):
+        reason = _abandoned(trial, trial._trial_id in stale, grace_period)
+        if reason:
+            window("requeue")  # seen as abandoned; another worker may be re-queueing it too
+            if requeue(study, trial, reason):
+                requeued.append(trial.number)
+    return requeued
 
 
-def _abandoned(trial: FrozenTrial, grace_period: float) -> bool:
+def _abandoned(trial: FrozenTrial, stale: bool, grace_period: float) -> str | None:
+    """Why ``trial`` is abandoned, or None if it may still be running."""
     process = trial.system_attrs.get(PROCESS_ATTR)
+    if stale:
+        return f"its heartbeat stopped for more than {grace_period:g} s ({_process_name(process)})"
     if process is None:  # asked but never claimed: its process died at once
-        return (datetime.now() - trial.datetime_start).total_seconds() > grace_period
-    return is_dead(process)
+        started = trial.datetime_start or datetime.now()
+        return "it was never started" if (datetime.now() - started).total_seconds() > grace_period else None
+    return f"its process is gone ({_process_name(process)})" if is_dead(process) else None
+
+
+def _process_name(process: dict | None) -> str:
+    process = process or {}
+    return f"process {process.get('pid', '?')} on {process.get('host', '?')}"
 
 
 def running(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial | Trial, reason: str) -> None:
-    """Mark a RUNNING trial failed without counting it, and queue its parameters again (as Optuna's retry does)."""
-    storage = study._storage
-    if storage.set_trial_state(trial._trial_id, TrialState.FAIL):
-        retry(study, storage.get_trial(trial._trial_id))
-        log.warning("trial %d is queued again: %s", trial.number, reason)
+def requeue(study: optuna.Study, trial: FrozenTrial | Trial, reason: str) -> bool:
+    """Mark a RUNNING trial failed without counting it, and queue its parameters again (as Optuna's retry does),
+    in one transaction; False when another worker ended or re-queued it first."""
+    storage = uncached(study)._storage
+    copy = waiting_copy(storage.get_trial(trial._trial_id))  # its parameters are set before its job starts
+
+    def queue_copy(session) -> None:
+        window("requeue.write")  # between the FAIL and the WAITING write: one transaction, nothing is lost
+        storage._create_new_trial(study._study_id, copy)
+
+    if not _leave_running(storage, trial._trial_id, TrialState.FAIL, queue_copy):
+        return False
+    log.warning("trial %d is queued again: %s", trial.number, reason)
+    return True
 
 
-def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a failed trial's parameters again, remembering the trial it stands for (Optuna's ``failed_trial``).
-
-    The storage's callback for trials whose heartbeat stopped, and the re-queue of any other abandoned trial.
-    """
+def waiting_copy(trial: FrozenTrial) -> FrozenTrial:
+    """A WAITING trial with ``trial``'s parameters, remembering the trial it stands for (Optuna's ``failed_trial``,
+    as its ``RetryFailedTrialCallback`` records it)."""
     system_attrs = {"failed_trial": origin(trial)} | {
         key: value for key, value in trial.system_attrs.items() if key not in (PROCESS_ATTR, "failed_trial")
     }
     with stable_enough():
-        waiting = optuna.create_trial(
+        return optuna.create_trial(
             state=TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
             user_attrs=trial.user_attrs,
             system_attrs=system_attrs,
         )
-        study.add_trial(waiting)
+
+
+def _leave_running(storage, trial_id: int, state: TrialState, also=None) -> bool:
+    """Move a trial from RUNNING to ``state`` and do ``also(session)`` in the same transaction, if it is still
+    RUNNING; False if it is not (another worker got there first)."""
+    with _create_scoped_session(storage.scoped_session) as session:
+        changed = (
+            session.query(models.TrialModel)
+            .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
+            .update({"state": state, "datetime_complete": datetime.now()}, synchronize_session=False)
+        )
+        if changed and also:
+            also(session)
+    return bool(changed)
 
 
 def origin(trial: Trial | FrozenTrial) -> int:
@@ -125,27 +216,47 @@ def origin(trial: Trial | FrozenTrial) -> int:
 
 
 def record(study: optuna.Study, trial: Trial, job: JobReturn) -> str:
-    """Tell the study how the trial's job ended: ``complete``, ``failed`` (its own fault) or ``retry``."""
+    """Tell the study how the trial's job ended: ``complete``, ``failed`` (its own fault), ``retry``, or ``taken``
+    (another worker re-queued it meanwhile, its heartbeat having stopped: the copy stands for it)."""
     try:
         value = float(job.return_value)  # re-raises the job's exception
     except Exception as error:  # noqa: BLE001 - every way a job can end is sorted below
-        reason = f"{type(error).__name__}: {error}"
+        reason = mask_secrets(f"{type(error).__name__}: {error}")
         if isinstance(error, UserError) and not isinstance(error, SetupError):
             return fail(study, trial, reason)
         log.warning("trial %d stopped by a problem outside its config", trial.number, exc_info=error)
-        requeue(study, trial, reason.splitlines()[0])
-        return RETRY
+        return RETRY if requeue(study, trial, reason.splitlines()[0]) else _taken(trial)
     if not math.isfinite(value):
         return fail(study, trial, f"the objective is {value}")
-    study.tell(trial, values=[value])
-    return COMPLETE
+    window("tell")  # the job is done; another worker may be re-queueing the trial
+    storage = uncached(study)._storage
+
+    def store_value(session) -> None:
+        session.add(models.TrialValueModel(trial_id=trial._trial_id, objective=0, value=value))
+
+    return COMPLETE if _leave_running(storage, trial._trial_id, TrialState.COMPLETE, store_value) else _taken(trial)
 
 
 def fail(study: optuna.Study, trial: Trial, reason: str) -> str:
-    trial.set_user_attr(FAILURE_ATTR, reason[:1000])
-    study.tell(trial, state=TrialState.FAIL)
+    storage = uncached(study)._storage
+
+    def store_reason(session) -> None:
+        value = json.dumps(mask_secrets(reason)[:1000])
+        session.add(models.TrialUserAttributeModel(trial_id=trial._trial_id, key=FAILURE_ATTR, value_json=value))
+
+    if not _leave_running(storage, trial._trial_id, TrialState.FAIL, store_reason):
+        return _taken(trial)
     log.warning("trial %d failed: %s", trial.number, reason)
     return FAILED
+
+
+def _taken(trial: Trial) -> str:
+    log.warning(
+        "trial %d was queued again by another worker while it ran here (its heartbeat had stopped): its copy "
+        "stands for it, this result is not counted",
+        trial.number,
+    )
+    return TAKEN
 
 
 @contextmanager

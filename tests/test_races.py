@@ -1,0 +1,210 @@
+"""Race windows of a shared study, forced: workers are held at a named window (dmg/runs/windows.py) and released
+into it together, on SQLite and on a real PostgreSQL server. Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from dmg.sweeps.trials import FAILURE_ATTR, requeue_abandoned
+
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE = 300  # seconds: only a hang takes this long
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path) -> str:
+    """A new, empty Optuna storage: a SQLite file, or a database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/optuna.db"
+    return request.getfixturevalue("postgres")()
+
+
+def worker(
+    tmp_path: Path, storage: str, n_trials: int, seed: int, *overrides: str, window: str = "", **env: str
+) -> subprocess.Popen:
+    """A sweep worker (tests/race_app.py) on ``storage``, held at ``window`` if one is given."""
+    (tmp_path / "race").mkdir(exist_ok=True)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race"), **env}
+    environment["DMG_RACE_WINDOW"] = window
+    command = [sys.executable, str(ROOT / "tests" / "race_app.py"), "-m", f"hydra.sweeper.storage='{storage}'"]
+    command += [f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.sampler.seed={seed}", *overrides]
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(*workers: subprocess.Popen) -> list[str]:
+    """Wait for the workers; their outputs. Each must exit 0: a crashed worker fails the test."""
+    outputs = [each.communicate(timeout=DEADLINE)[0] for each in workers]
+    assert [each.returncode for each in workers] == [0] * len(workers), "\n----\n".join(outputs)
+    return outputs
+
+
+def counted(storage: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count toward n_trials; the study must hold nothing else but re-queued (FAIL) attempts."""
+    trials = optuna.load_study(study_name="race", storage=storage).trials
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}, [t.state for t in trials]
+    return [t for t in trials if t.state == TrialState.COMPLETE or FAILURE_ATTR in t.user_attrs]
+
+
+def dead_process() -> dict:
+    """How the sweeper identified a process of this host that has ended."""
+    command = [sys.executable, str(ROOT / "tests" / "dead_process.py")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(done.stdout)
+
+
+def orphan(storage: str, x: float, process: dict | None = None) -> optuna.Study:
+    """A study holding one RUNNING trial (``x``) claimed by ``process`` (a dead one of this host by default)."""
+    study = optuna.create_study(study_name="race", storage=storage, direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.enqueue_trial({"x": x})
+    trial = study.ask()
+    assert trial.suggest_float("x", 0.0, 1.0) == x
+    trial.set_system_attr("process", process or dead_process())
+    return study
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def test_two_workers_that_find_the_same_dead_trial_queue_it_again_once(storage, tmp_path):
+    orphan(storage, 0.123)
+    workers = [worker(tmp_path, storage, 3, seed, window="requeue") for seed in (1, 2)]
+    outputs = finish(*workers)
+    trials = counted(storage)
+    assert len(trials) == 3 and sorted(t.params["x"] for t in trials).count(0.123) == 1  # trained once, counted once
+    assert sum("trial 0 is queued again" in output for output in outputs) == 1  # by one worker, said once
+
+
+def test_two_workers_that_count_together_never_overshoot_n_trials(storage, tmp_path):
+    workers = [worker(tmp_path, storage, 1, seed, window="count,ask:5") for seed in (1, 2)]
+    finish(*workers)
+    assert len(optuna.load_study(study_name="race", storage=storage).trials) == 1 and len(counted(storage)) == 1
+
+
+def test_a_worker_killed_between_the_fail_and_the_requeue_loses_no_trial(storage, tmp_path):
+    orphan(storage, 0.123)
+    victim = worker(tmp_path, storage, 2, 1, window="requeue.write")
+    wait_for(lambda: list((tmp_path / "race").glob("requeue.write.*")) or victim.poll() is not None, "the window")
+    victim.kill()  # kill -9 between marking the trial failed and queueing its parameters again
+    victim.wait()
+    finish(worker(tmp_path, storage, 2, 2))
+    trials = counted(storage)
+    assert len(trials) == 2 and [t.params["x"] for t in trials].count(0.123) == 1  # its parameters still ran once
+
+
+def test_a_paused_host_whose_trial_was_queued_again_neither_crashes_nor_counts_it_twice(storage, tmp_path):
+    paused = worker(tmp_path, storage, 2, 1, window="tell", DMG_HOST_ID="host-a")
+    wait_for(lambda: list((tmp_path / "race").glob("tell.*")), "the first trial's end")
+    paused.send_signal(signal.SIGSTOP)  # its heartbeat stops too, as on a host that froze or lost the network
+    other = worker(tmp_path, storage, 2, 2, "hydra.sweeper.grace_period=2", DMG_HOST_ID="host-b")
+    [other_output] = finish(other)
+    paused.send_signal(signal.SIGCONT)
+    (tmp_path / "race" / "go").touch()
+    finish(paused)
+    trials = counted(storage)
+    assert len(trials) == 2 and len({t.params["x"] for t in trials}) == 2
+    assert "trial 0 is queued again: its heartbeat stopped" in other_output
+
+
+def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_a_dead_trial(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    elsewhere = dead_process() | {"pid_namespace": "pid:[1]"}  # same host name, another container
+    study = orphan(storage, 0.5, elsewhere)
+    assert requeue_abandoned(study, grace_period=3600) == []
+    assert study.trials[0].state == TrialState.RUNNING
+
+
+def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(tmp_path, monkeypatch):
+    """A ``file:`` store has no lock, as an ``http://`` server has none here: the Optuna storage's lock serves."""
+    tracking, storage = f"file:{tmp_path}/mlruns", f"sqlite:///{tmp_path}/optuna.db"
+    (tmp_path / "race").mkdir()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores in maintenance mode
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
+    environment["DMG_RACE_WINDOW"] = "parent:5"  # searched, not yet created; with the lock only one gets here at once
+    command = [sys.executable, str(ROOT / "tests" / "parent_worker.py"), tracking, storage]
+    workers = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = finish(*workers)
+    assert len({output.split()[-1] for output in outputs}) == 1  # both workers use the same parent run
+    client = MlflowClient(tracking)
+    assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 1
+
+
+def test_a_run_finished_while_an_identical_command_started_is_reported_not_trained_again(tmp_path):
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint_dir={tmp_path}/checkpoints"]
+    tiny = ["dataset.max_images=300", "backbone.network.width=4", "epochs=1", "progress=false", "resume=skip_finished"]
+    (tmp_path / "race").mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
+    environment["DMG_RACE_WINDOW"] = "skip_finished"  # found no finished run, not yet under the config's lock
+    command = [sys.executable, str(ROOT / "launch.py"), *tiny, *store]
+    late = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_for(lambda: list((tmp_path / "race").glob("skip_finished.*")) or late.poll() is not None, "the window")
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE)  # no window
+    assert first.returncode == 0, first.stdout + first.stderr
+    (tmp_path / "race" / "go").touch()
+    [output] = finish(late)
+    assert "already finished with this config" in output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(client.search_runs([client.get_experiment_by_name("rotated_mnist").experiment_id])) == 1
+
+
+STRESS_ROUNDS, STRESS_WORKERS, STRESS_TRIALS, STRESS_KILLS = 3, 5, 7, 2
+
+
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_stress_five_workers_seven_trials_random_kill_9(tmp_path, round_):
+    """5 workers share a 7-trial study whose trials are MLflow runs; 2 random workers are killed (-9) while they
+    train and replaced. Exactly 7 trials count, each trained to its end once, one MLflow run each, none RUNNING."""
+    import random
+
+    chooser = random.Random(round_)
+    storage, ledger = f"sqlite:///{tmp_path}/optuna.db", tmp_path / "ledger"
+    stress = [f"+stress.ledger={ledger}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+
+    def start(seed: int) -> subprocess.Popen:
+        return worker(tmp_path, storage, STRESS_TRIALS, seed, *stress, window="train:1", DMG_RACE_PARTIES="99")
+
+    workers = {seed: start(seed) for seed in range(STRESS_WORKERS)}
+    seen, killed = set(), 0
+    while killed < STRESS_KILLS and any(each.poll() is None for each in workers.values()):
+        training = {path.name.split(".")[1] for path in (tmp_path / "race").glob("train.*")} - seen
+        live = [seed for seed, each in workers.items() if each.poll() is None and str(each.pid) in training]
+        if live:
+            victim = chooser.choice(sorted(live))
+            workers[victim].kill()
+            workers[victim].wait()
+            seen.add(str(workers.pop(victim).pid))
+            killed += 1
+            workers[100 + killed] = start(100 + killed)  # the cluster restarts a worker
+        time.sleep(0.05)
+    finish(*workers.values())
+    trials = counted(storage)
+    assert len(trials) == STRESS_TRIALS and len({t.params["x"] for t in trials}) == STRESS_TRIALS
+    trained = [float(line) for line in ledger.read_text().split()]
+    assert sorted(trained) == sorted(t.params["x"] for t in trials)  # each trial's params trained to the end once
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == STRESS_TRIALS and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.metrics["value"] for r in runs) == sorted(trained)  # one run per trial
+    print(f"stress round {round_}: {killed} kills, {len(trials)} trials, {len(runs)} runs")
