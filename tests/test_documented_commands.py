@@ -109,6 +109,8 @@ NOT_HERE = [
     (r"^pytest", "the test suite itself"),
     (r"^createdb ", "creates databases on a PostgreSQL server at db-host (tests/test_postgres.py starts its own)"),
     (r"^sbatch ", "submits to a SLURM cluster"),
+    (r"^srun ", "starts ranks on a SLURM cluster (tests/test_distributed.py starts ranks as srun would)"),
+    (r"^torchrun ", "one rank per GPU (tests/test_distributed.py runs launch.py under torchrun with 2 CPU ranks)"),
     (r"postgresql://", "needs the PostgreSQL server at db-host (tests/test_postgres.py covers PostgreSQL stores)"),
     (r"mlflow-host", "needs the MLflow server on mlflow-host"),
     (r"--experiment pacs --tag study=\.\.\.", "its study=... stands for a PACS study; the test sweeps Rotated MNIST"),
@@ -199,8 +201,18 @@ def plan(command: Documented) -> Plan | None:
     return None
 
 
+def launch_words(words) -> tuple[str, ...] | None:
+    """``python launch.py <overrides>`` of a command that runs launch.py directly or under torchrun or srun."""
+    if "launch.py" not in words:
+        return None
+    at = words.index("launch.py")
+    if (words[0] in ("python", "python3") and at == 1) or words[0] in ("torchrun", "srun"):
+        return ("python", "launch.py", *words[at + 1 :])
+    return None
+
+
 def is_launch(words) -> bool:
-    return words[:2] == ("python", "launch.py")
+    return launch_words(words) is not None
 
 
 def dmg_arguments(arguments) -> list[str] | None:
@@ -231,7 +243,7 @@ def test_every_documented_command_has_a_plan():
 
 def test_a_command_this_test_does_not_know_gets_no_plan():
     unknown = [
-        "torchrun --nproc_per_node=2 launch.py epochs=1",
+        "mpirun -n 2 python launch.py epochs=1",
         "python -m dmg bench gpu",
         "mlflow gc",
         "optuna create",
@@ -247,7 +259,7 @@ def test_a_command_this_test_does_not_know_gets_no_plan():
 
 def launch_overrides(words) -> tuple[list[str], bool]:
     """The Hydra overrides of a ``python launch.py`` command and whether it is a multirun."""
-    overrides = list(words[2:])
+    overrides = list(launch_words(words)[2:])
     multirun = any(flag in overrides for flag in ("-m", "--multirun"))
     return [word for word in overrides if word not in ("-m", "--multirun")], multirun
 
@@ -295,7 +307,9 @@ COMMANDS = documented_commands()
 
 @pytest.mark.slow  # about a second per command on 2 cores
 @pytest.mark.parametrize(
-    "command", [c for c in COMMANDS if is_launch(c.words)], ids=lambda c: f"{c.where} {' '.join(c.words[2:])}"
+    "command",
+    [c for c in COMMANDS if is_launch(c.words)],
+    ids=lambda c: f"{c.where} {' '.join(launch_words(c.words)[2:])}",
 )
 def test_documented_launch_commands_compose_and_pass_launchs_checks(command, tmp_path):
     overrides, _ = launch_overrides(filled(command.words, tmp_path))
