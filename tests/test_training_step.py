@@ -175,3 +175,37 @@ def test_bf16_training_of_the_embedded_default_lands_within_a_point_of_fp32(isol
     }
     assert accuracy["fp32"] > 0.5  # trained, not a pair of chance-level runs
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy
+
+
+@pytest.mark.parametrize("name", ["irm", "groupdro", "dann"])
+def test_an_fp16_step_the_scaler_skipped_is_not_counted(name):
+    """Overflowing gradients (forced by a hook on one parameter's gradient) make the scaler skip the step: no
+    parameter moves, and the step counts, per-step schedule, annealing, domain weights and SWAD's average stay."""
+    from dmg.engine.averaging import SWAD
+
+    method = small_method(
+        name, **{"optim.scheduler_interval": "step"}, **{"method.anneal_steps": 2} if name == "irm" else {}
+    )
+    method.configure_compute(Precision("fp16", "cpu"))
+    swad = SWAD()
+    x, y, d = batch()
+    for _ in range(2):
+        method.update(x, y, d)
+        swad.after_step(method)
+    state = {key: value.clone() for key, value in method.state_dict().items()}
+    rates, segment = method.learning_rates(), [tensor.clone() for tensor in swad.segment]
+    scale = method.scaler.get_scale()
+    hooks = [parameter.register_hook(lambda g: g * float("inf")) for parameter in method.parameters()]
+    terms = method.update(x, y, d)
+    swad.after_step(method)
+    for hook in hooks:
+        hook.remove()
+    assert torch.isfinite(terms["loss"]) and method.scaler.get_scale() < scale  # the scaler skipped the step
+    assert not method.last_step_taken and method.steps == 2 and int(method.step_count) == 2
+    assert method.learning_rates() == rates and swad.segment_steps == 2
+    moved = [key for key, value in method.state_dict().items() if not torch.equal(state[key], value)]
+    assert all("running_" in key or "num_batches" in key for key in moved)  # only BatchNorm saw the batch
+    assert all(torch.equal(a, b) for a, b in zip(segment, swad.segment))
+    method.update(x, y, d)  # the next step counts, and (IRM) is the first with the full penalty weight
+    assert method.last_step_taken and method.steps == 3 and int(method.step_count) == 3
+    assert method.learning_rates() != rates
