@@ -22,7 +22,7 @@ from dmg.data.loading import OnDevice, PartBatches, concatenate, make_loader
 from dmg.data.sampling import BATCH_SAMPLERS
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
-from dmg.engine.compute import Compute, is_convolutional, resolve_precision
+from dmg.engine.compute import Compute, configure_determinism, is_convolutional, resolve_precision
 from dmg.engine.loop import EvaluationPart, Loaders, finish_average, fit
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import BadValue, Terminated, UserError
@@ -47,8 +47,8 @@ def run(cfg: DictConfig) -> float:
     if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
         log.info("run %s already finished with this config: reporting its result", done.info.run_id)
         return done.data.metrics[cfg.optimized_metric]
+    configure_determinism(cfg.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting then)
     device = resolve_device(cfg.device)
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
@@ -196,7 +196,7 @@ def configure_compute(method: Method, cfg: DictConfig, device: torch.device) -> 
     if channels_last:
         method.to(memory_format=torch.channels_last)
     method.configure_compute(precision, compile=bool(cfg.compile))
-    return Compute(precision, channels_last, bool(cfg.compile))
+    return Compute(precision, channels_last, bool(cfg.compile), bool(cfg.deterministic))
 
 
 def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Loaders:
