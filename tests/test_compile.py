@@ -63,3 +63,18 @@ def test_no_method_recompiles_after_the_first_epoch(name, monkeypatch):
     epoch(method), epoch(method)
     assert counters["stats"]["unique_graphs"] == graphs
     assert method.steps == 9
+
+
+def test_the_traceable_beta_draws_follow_beta_alpha_alpha():
+    """Mixup's and MixStyle's weights: mean 1/2, variance 1 / (4 (2 alpha + 1)), within (0, 1)."""
+    from dmg.methods.mixup import beta_samples
+
+    torch.manual_seed(0)
+    for alpha in (0.1, 0.2, 2.0):
+        draws = beta_samples(alpha, 200_000, torch.device("cpu")).double()
+        assert ((draws >= 0) & (draws <= 1)).all()
+        assert draws.mean().item() == pytest.approx(0.5, abs=0.005)
+        assert draws.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.02)
+    counters.clear()
+    compiled = torch.compile(lambda x: x * beta_samples(0.2, len(x), x.device), backend="aot_eager", fullgraph=True)
+    compiled(torch.ones(4))  # fullgraph: no graph break
