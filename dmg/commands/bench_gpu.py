@@ -3,7 +3,7 @@
     python -m dmg bench gpu                          # on a GPU machine: every part at full size
     python -m dmg bench gpu --output gpu.json --train-methods aggregate dmg coral
 
-Three parts (docs/speed.md, "GPU acceptance" says how to read each number):
+Three parts (docs/gpu.md says how to read each number):
 
 - ``syncs``: whole training steps of every method and option (tests/test_host_sync.py's cases), counted with
   :class:`dmg.engine.syncs.SyncCounter`, and, with CUDA, run under ``torch.cuda.set_sync_debug_mode("error")``;
