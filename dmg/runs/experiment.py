@@ -47,7 +47,9 @@ def run(cfg: DictConfig) -> float:
     if cfg.resume == "skip_finished" and (done := finished_run(cfg)):
         log.info("run %s already finished with this config: reporting its result", done.info.run_id)
         return done.data.metrics[cfg.optimized_metric]
-    configure_determinism(cfg.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting then)
+    configure_determinism(
+        bool(cfg.get("deterministic", False))
+    )  # before CUDA starts (cuBLAS reads its workspace setting then)
     device = resolve_device(cfg.device)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
@@ -196,7 +198,7 @@ def configure_compute(method: Method, cfg: DictConfig, device: torch.device) -> 
     if channels_last:
         method.to(memory_format=torch.channels_last)
     method.configure_compute(precision, compile=bool(cfg.compile))
-    return Compute(precision, channels_last, bool(cfg.compile), bool(cfg.deterministic))
+    return Compute(precision, channels_last, bool(cfg.compile), bool(cfg.get("deterministic", False)))
 
 
 def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Loaders:
