@@ -4,7 +4,8 @@ A training step should only queue work on the device. Some operators make the ho
 finish before they return: those whose output size depends on device values (``nonzero``, boolean-mask
 indexing, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``), those that
 copy a value to the host (``.item()``, ``bool(tensor)``, ``int(tensor)``, ``equal``, ``allclose``: all
-``_local_scalar_dense`` or ``equal``), and ``one_hot``, which checks its range on the host. On the CPU they cost
+``_local_scalar_dense`` or ``equal``), ``one_hot``, which checks its range on the host, and ``torch.tensor`` of Python
+values (``lift_fresh``), a blocking copy from pageable host memory when made on a GPU. On the CPU they cost
 nothing, so :class:`SyncCounter` records them as they run: what a CUDA run would wait for, found without a GPU.
 With CUDA present, ``torch.cuda.set_sync_debug_mode("error")`` is the device's own check (:func:`cuda_sync_errors`).
 
@@ -39,6 +40,7 @@ SYNCING_OPERATORS = {
     aten.is_nonzero: "item",
     aten.one_hot: "one_hot",
     aten.histc: "histc",
+    aten.lift_fresh: "tensor from host data",  # torch.tensor(values, device=cuda): a blocking copy from the host
 }
 INDEXING_OPERATORS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 PYTHON_READS = ("tolist", "numpy", "cpu")

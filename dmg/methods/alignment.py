@@ -75,13 +75,14 @@ class MMD(FeatureAlignment):
         for gamma in kernel_gammas:
             check_number("kernel_gammas", gamma, above=0)
         self.kernel_gammas = [float(gamma) for gamma in kernel_gammas]
+        # on the model's device: made from Python floats at every step, it would be a blocking copy from the host
+        self.register_buffer("gammas", torch.tensor(self.kernel_gammas), persistent=False)
 
     @in_fp32
     def distances(self, features, d):
         squared = features.pow(2).sum(1, keepdim=True)  # (B, 1)
         distance = (squared.T - 2 * features @ features.T + squared).clamp_min(1e-30)  # (B, B), as DomainBed
-        gammas = torch.tensor(self.kernel_gammas, dtype=features.dtype, device=features.device)
-        kernel = torch.exp(-gammas[:, None, None] * distance).sum(0)  # (B, B)
+        kernel = torch.exp(-self.gammas.to(features.dtype)[:, None, None] * distance).sum(0)  # (B, B)
         one_hot = by_domain.one_hot(d, self.num_domains, features.dtype)  # (B, D)
         n = by_domain.counts(d, self.num_domains).clamp_min(1).to(features.dtype)
         block = one_hot.T @ kernel @ one_hot / (n[:, None] * n[None, :])  # (D, D): mean kernel between domains
