@@ -138,6 +138,7 @@ def test_dann_terms_match_domainbed(grad_penalty):
     assert method.steps == 0 and not method.discriminators_turn()  # DomainBed: update_count 1 -> generator
     assert method.objective(x, y, d)["loss"].item() == pytest.approx(gen_loss.item(), rel=1e-5)
     method.steps = 1
+    method.step_count.fill_(1)  # the objective reads the step count on the device
     assert method.objective(x, y, d)["loss"].item() == pytest.approx(disc_loss.item(), rel=1e-5)
 
 

@@ -3,6 +3,7 @@
     python -m dmg bench --backbone alexnet --batch-size 64 --domains 3
     python -m dmg bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
     python -m dmg bench train                  # real epochs from files: end to end vs compute only (dmg/commands/bench_train.py)
+    python -m dmg bench gpu                    # the GPU acceptance check: syncs, training speed, DDP; one JSON (bench_gpu.py)
 
 Methods are built exactly as ``launch.py`` builds them, from the same configs.
 """
@@ -21,7 +22,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from dmg.commands import bench_train
+from dmg.commands import bench_gpu, bench_train
 from dmg.data import throughput
 from dmg.methods.base import Method
 from dmg.runs.experiment import build_method, resolve_device
@@ -133,6 +134,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     methods.set_defaults(func=bench_methods)
     throughput.add_parser(commands)
     bench_train.add_parser(commands)
+    bench_gpu.add_parser(commands)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["methods", *argv]
     return parser.parse_args(argv)

@@ -145,6 +145,8 @@ class SWAD(NoAveraging):
 
     @torch.no_grad()
     def after_step(self, method: nn.Module) -> None:
+        if not getattr(method, "last_step_taken", True):  # an fp16 step the gradient scaler skipped is no step
+            return
         parameters = [parameter.detach() for parameter in method.parameters()]
         self.segment_steps += 1
         if self.segment is None:

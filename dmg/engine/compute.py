@@ -5,11 +5,13 @@ fp16 with a gradient scaler); ``auto`` = bf16 on a GPU that supports it, fp32 ot
 logits, their sigmoid, DMG's penalties and the loss stay fp32 whatever the precision, so checkpoints load
 across precisions. ``channels_last``: convolutional backbones compute in NHWC memory format (faster with
 tensor cores, and with oneDNN on CPUs). ``compile``: ``torch.compile`` the loss and the prediction.
+``deterministic``: deterministic algorithms (:func:`configure_determinism`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -40,6 +42,25 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for fp16 (gradients would underflow otherwise); a pass-through otherwise."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for reproducible results (CUDA's documentation)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """``True``: deterministic algorithms (a GPU run repeats itself bit for bit); ``False``: the fastest ones.
+
+    True turns on ``torch.use_deterministic_algorithms`` (float atomics such as ``index_add`` on CUDA and the
+    backward of indexing take their deterministic paths; an operator without one stops the run with PyTorch's
+    error naming it), turns off cuDNN's benchmark (its choice of kernels varies between runs) and sets cuBLAS's
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, read when CUDA starts: call this before any CUDA work). False: cuDNN
+    benchmarks its kernels for the run's fixed input sizes, and atomics add in any order.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
@@ -87,10 +108,12 @@ class Compute:
     precision: Precision
     channels_last: bool
     compile: bool
+    deterministic: bool = False
 
     def tags(self) -> dict[str, str]:
         return {
             "precision": self.precision.name,
             "channels_last": str(self.channels_last).lower(),
             "compile": str(self.compile).lower(),
+            "deterministic": str(self.deterministic).lower(),
         }

@@ -57,7 +57,7 @@ def fit(
     epochs: int,
     seed: int,
     checkpoints: Checkpointer,
-    log_metrics: Callable[[Metrics, int], None],
+    log_metrics: Callable[[Metrics, int], Metrics],
     progress: bool = True,
     averaging: NoAveraging | None = None,
     history: list[Metrics] | None = None,
@@ -76,10 +76,11 @@ def fit(
         trained = train_epoch(method, loaders.train, f"epoch {epoch + 1}/{epochs}", progress, averaging)
         method.end_epoch()
         metrics = {**trained, **evaluate(method, loaders), **method.epoch_metrics()}
+        # MLflow step = 1-based epoch; an epoch recomputed after a resume keeps the values logged the first time
+        metrics = log_metrics(metrics, epoch + 1)
         averaging.end_epoch(metrics["val/loss_mean"])
         history.append(metrics)
         log.info("epoch %d: %s", epoch + 1, _headline(metrics))
-        log_metrics(metrics, epoch + 1)  # MLflow step = 1-based epoch
         checkpoints.save(method, history, is_best=selected_epoch(history) == epoch, averaging=averaging)
     return history
 

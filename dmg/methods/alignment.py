@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dmg.engine.compute import in_fp32
 from dmg.engine.distributed import gather_batch
@@ -61,7 +60,7 @@ class CORAL(FeatureAlignment):
         n = by_domain.counts(d, self.num_domains)
         mean = by_domain.means(features, d, self.num_domains)  # (D, F)
         centred = features - mean[d]
-        one_hot = F.one_hot(d, self.num_domains).to(features.dtype)  # (B, D)
+        one_hot = by_domain.one_hot(d, self.num_domains, features.dtype)  # (B, D)
         scatter = torch.einsum("bd,bf,bg->dfg", one_hot, centred, centred)
         covariance = scatter / (n - 1).clamp_min(1).to(features.dtype)[:, None, None]  # (D, F, F)
         rows, cols = torch.triu_indices(self.num_domains, self.num_domains, offset=1, device=features.device)
@@ -77,14 +76,15 @@ class MMD(FeatureAlignment):
         for gamma in kernel_gammas:
             check_number("kernel_gammas", gamma, above=0)
         self.kernel_gammas = [float(gamma) for gamma in kernel_gammas]
+        # on the model's device: made from Python floats at every step, it would be a blocking copy from the host
+        self.register_buffer("gammas", torch.tensor(self.kernel_gammas), persistent=False)
 
     @in_fp32
     def distances(self, features, d):
         squared = features.pow(2).sum(1, keepdim=True)  # (B, 1)
         distance = (squared.T - 2 * features @ features.T + squared).clamp_min(1e-30)  # (B, B), as DomainBed
-        gammas = torch.tensor(self.kernel_gammas, dtype=features.dtype, device=features.device)
-        kernel = torch.exp(-gammas[:, None, None] * distance).sum(0)  # (B, B)
-        one_hot = F.one_hot(d, self.num_domains).to(features.dtype)  # (B, D)
+        kernel = torch.exp(-self.gammas.to(features.dtype)[:, None, None] * distance).sum(0)  # (B, B)
+        one_hot = by_domain.one_hot(d, self.num_domains, features.dtype)  # (B, D)
         n = by_domain.counts(d, self.num_domains).clamp_min(1).to(features.dtype)
         block = one_hot.T @ kernel @ one_hot / (n[:, None] * n[None, :])  # (D, D): mean kernel between domains
         within = block.diagonal()

@@ -41,7 +41,11 @@ class Method(nn.Module):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self._scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        self.steps = 0
+        self.steps = 0  # optimisation steps taken (an fp16 step the gradient scaler skipped is not one)
+        # The same count on the device, for objectives that depend on it (IRM's and VREx's annealing, DANN's turns):
+        # a tensor changed in place, so that torch.compile does not specialise (and recompile) on a Python int.
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.last_step_taken = True  # False after an fp16 step whose gradients overflowed
         self.precision = Precision()
         self.scaler = self.precision.grad_scaler()
 
@@ -95,21 +99,40 @@ class Method(nn.Module):
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         distributed.reduce_gradients(self.parameters())  # DDP: the global batch's gradient on every rank
-        for name in self.stepping_optimizers():
-            self.scaler.step(self.optimizers[name])  # fp16: skipped when the gradients overflowed
-        self.scaler.update()
-        self.steps += 1
-        self.after_step()
-        if self.scheduler_interval == "step":
-            self._step_schedules()
+        self.last_step_taken = self._step_optimizers()
+        if self.last_step_taken:
+            self.steps += 1
+            self.step_count += 1
+            self.after_step()
+            if self.scheduler_interval == "step":
+                self._step_schedules()
         return {name: value.detach().float() for name, value in terms.items()}
+
+    def _step_optimizers(self) -> bool:
+        """Step the optimisers on turn; whether the step was taken (fp16: not when the gradients overflowed).
+
+        Without fp16 every step is taken, and nothing is read from the device. With fp16, torch's ``GradScaler``
+        already reads each optimiser's overflow flag on the host before stepping it (non-fused optimisers), so the
+        step waits for the device anyway; whether it was skipped is one more read at the same point: the scaler
+        lowers its scale exactly when it skipped (the comparison is made on the device).
+        """
+        if not self.scaler.is_enabled():
+            for name in self.stepping_optimizers():
+                self.optimizers[name].step()
+            return True
+        scale = self.scaler._scale.clone()  # the scaler's current scale, on the device
+        for name in self.stepping_optimizers():
+            self.scaler.step(self.optimizers[name])  # skipped when the gradients overflowed
+        self.scaler.update()
+        return bool(self.scaler._scale >= scale)
 
     def stepping_optimizers(self) -> Iterable[str]:
         """The optimisers that take this step (all of them; DANN alternates its two players)."""
         return self.optimizers.keys()
 
     def after_step(self) -> None:
-        """State changes that belong to a completed step (``self.steps`` already counts it)."""
+        """State changes that belong to a completed step (``self.steps`` already counts it; not called after an fp16
+        step the gradient scaler skipped)."""
 
     def reset_optimizer(self, name: str) -> None:
         """Forget an optimiser's running statistics (Adam's moments), keeping its learning rate and schedule."""
@@ -150,6 +173,7 @@ class Method(nn.Module):
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(schedulers[name])
         self.steps = state["steps"]
+        self.step_count.fill_(self.steps)
         if state.get("scaler") and self.scaler.is_enabled():  # an fp16 run's loss scale; other precisions have none
             self.scaler.load_state_dict(state["scaler"])
 

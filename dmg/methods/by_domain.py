@@ -12,8 +12,18 @@ import torch.nn.functional as F
 
 
 def counts(d: torch.Tensor, num_domains: int) -> torch.Tensor:
-    """Samples of each domain in the batch: (domains,) long."""
-    return torch.bincount(d, minlength=num_domains)
+    """Samples of each domain in the batch: (domains,) long.
+
+    A sum of ones per domain rather than ``torch.bincount``, whose output size depends on the values (it waits
+    for the device).
+    """
+    return d.new_zeros(num_domains).index_add_(0, d, torch.ones_like(d))
+
+
+def one_hot(d: torch.Tensor, num_domains: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """(B, domains) indicator of each sample's domain: a comparison with ``arange`` rather than ``F.one_hot``,
+    which checks the range of ``d`` on the host."""
+    return (d[:, None] == torch.arange(num_domains, device=d.device)).to(dtype)
 
 
 def means(values: torch.Tensor, d: torch.Tensor, num_domains: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,5 +60,4 @@ def mean_over_pairs(matrix: torch.Tensor, present: torch.Tensor) -> torch.Tensor
 
 def rank_within_domain(d: torch.Tensor, num_domains: int) -> torch.Tensor:
     """Position of each sample among the batch's samples of its own domain, in batch order: (B,) long."""
-    one_hot = F.one_hot(d, num_domains)
-    return (one_hot.cumsum(0) - 1).gather(1, d[:, None]).squeeze(1)
+    return (one_hot(d, num_domains).cumsum(0) - 1).gather(1, d[:, None]).squeeze(1)

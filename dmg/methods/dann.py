@@ -76,7 +76,10 @@ class DANN(Method):
         """DomainBed's schedule: the discriminator's turn unless the 1-based step count modulo
         ``discriminator_steps + 1`` equals ``discriminator_steps`` (one network step in every
         ``discriminator_steps + 1``)."""
-        return (self.steps + 1) % (self.discriminator_steps + 1) < self.discriminator_steps
+        return self._discriminators_turn(self.steps)
+
+    def _discriminators_turn(self, steps):
+        return (steps + 1) % (self.discriminator_steps + 1) < self.discriminator_steps
 
     def stepping_optimizers(self):
         return ["discriminator"] if self.discriminators_turn() else ["network"]
@@ -90,7 +93,8 @@ class DANN(Method):
             discriminator_loss = domain_ce + self.grad_penalty * _input_gradient_penalty(features, domain_logits, d)
         ce = F.cross_entropy(self.network.classifier(features), y)
         generator_loss = ce - self.adversarial_weight * discriminator_loss
-        loss = discriminator_loss if self.discriminators_turn() else generator_loss
+        # whose turn, decided on the device: compiled code does not see the step count change
+        loss = torch.where(self._discriminators_turn(self.step_count), discriminator_loss, generator_loss)
         return {"loss": loss, "ce": ce, "domain_ce": domain_ce}
 
     def predict(self, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:

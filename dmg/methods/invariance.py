@@ -36,7 +36,8 @@ class AnnealedPenalty(Aggregate):
         risks = by_domain.risks(logits, y, d, self.num_domains)
         ce = by_domain.mean_over(risks, by_domain.counts(d, self.num_domains) > 0)
         penalty = self.penalty(logits, y, d, risks)
-        weight = self.penalty_weight if self.steps >= self.anneal_steps else 1.0
+        annealed = self.step_count >= self.anneal_steps  # on the device: compiled code does not see a changing int
+        weight = torch.where(annealed, self.penalty_weight, 1.0)
         return {"loss": ce + weight * penalty, "ce": ce, "penalty": penalty}
 
     def after_step(self) -> None:

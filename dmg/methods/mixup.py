@@ -62,6 +62,9 @@ class Mixup(Aggregate):
 
 def beta_samples(alpha: float, count: int, device: torch.device) -> torch.Tensor:
     """``count`` draws of Beta(alpha, alpha), made on ``device`` (no copy from the host, no argument checks that
-    would read device values)."""
+    would read device values), as ``G1 / (G1 + G2)`` of two Gamma(alpha, 1) draws: the same distribution as
+    ``torch.distributions.Beta``, whose Dirichlet sampler ``torch.compile`` cannot trace (a graph break)."""
     concentration = torch.full((), alpha, device=device)
-    return torch.distributions.Beta(concentration, concentration, validate_args=False).sample((count,))
+    gamma = torch.distributions.Gamma(concentration, torch.ones((), device=device), validate_args=False)
+    draws = gamma.sample((2, count))  # (2, count), clamped above 0 by the sampler
+    return draws[0] / draws.sum(0)

@@ -24,7 +24,7 @@ from dmg.data.sampling import BATCH_SAMPLERS
 from dmg.engine import distributed
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
-from dmg.engine.compute import Compute, is_convolutional, resolve_precision
+from dmg.engine.compute import Compute, configure_determinism, is_convolutional, resolve_precision
 from dmg.engine.distributed import ProcessGroup, Ranks, RankZeroCheckpoints, ranks_from_environment
 from dmg.engine.loop import EvaluationPart, Loaders, evaluation_keys, finish_average, fit
 from dmg.engine.signals import sigterm_raises
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> float:
     Started by torchrun or srun, every process runs this as one rank of the job (``dmg.engine.distributed``).
     """
     check_settings(cfg)
+    configure_determinism(bool(cfg.get("deterministic", False)))  # before CUDA starts (cuBLAS reads its setting then)
     ranks = ranks_from_environment()
     device = resolve_device(cfg.device, ranks)
     check_world_size(cfg, ranks)
@@ -69,7 +70,6 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
     if finished:
         return report_finished(*finished)
     window("skip_finished")  # checked, not yet locked: Tracker.start checks again under the config's lock
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
@@ -170,7 +170,7 @@ def train_and_track(
             log.info("%s: sources %s, targets %s", start_line(tracker, len(history), cfg.epochs), splits.sources,
                      splits.targets)  # fmt: skip
         history = fit(
-            method, loaders, cfg.epochs, cfg.seed, checkpoints, tracker.log_metrics, cfg.progress, averaging, history
+            method, loaders, cfg.epochs, cfg.seed, checkpoints, shared_log(tracker), cfg.progress, averaging, history
         )
         averaged = finish_average(method, averaging, loaders, checkpoints, cfg.seed, len(history))
         summary = summarize(history, averaged)
@@ -183,6 +183,14 @@ def train_and_track(
         tracker.release()
     checkpoints.remove()
     return summary | {"run_id": tracker.run_id}
+
+
+def shared_log(tracker: Tracker | NoTracker):
+    """``log_metrics`` for :func:`~dmg.engine.loop.fit` on every rank: rank 0 logs, and every rank goes on with the
+    values the store holds (the first ones logged, for an epoch recomputed after a resume)."""
+    return lambda metrics, step: distributed.broadcast(
+        distributed.on_writer(lambda: tracker.log_metrics(metrics, step))
+    )
 
 
 def start_line(tracker: Tracker, done: int, epochs: int) -> str:
@@ -316,7 +324,7 @@ def configure_compute(method: Method, cfg: DictConfig, device: torch.device) -> 
     if channels_last:
         method.to(memory_format=torch.channels_last)
     method.configure_compute(precision, compile=bool(cfg.compile))
-    return Compute(precision, channels_last, bool(cfg.compile))
+    return Compute(precision, channels_last, bool(cfg.compile), bool(cfg.get("deterministic", False)))
 
 
 def build_loaders(splits: DomainSplits, cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Loaders:

@@ -44,6 +44,7 @@ KEYS_ADDED_SINCE: dict[str, object] = {
     "distributed.backend": "auto",
     "distributed.timeout_s": 600,
     "distributed.sync_batch_norm": True,
+    "deterministic": False,
 }
 LEGACY_MODULE = re.compile(r"\bdmg\.(?:engine|runs|sweeps|commands)\.")
 LEGACY_COMMAND = re.compile(r"python -m dmg (report|bench|prepare)\b")
@@ -117,7 +118,8 @@ class Tracker:
         self.run_id = run_id
         self.lock = lock
         self.resumed = resumed
-        self.logged_steps = logged_steps(client, run_id) if resumed else {}
+        self.held = held_metrics(client, run_id) if resumed else {}  # what the store holds: {key: {step: value}}
+        self.logged_steps = {key: max(values) for key, values in self.held.items()}
 
     @classmethod
     def start(
@@ -209,13 +211,21 @@ class Tracker:
             self.client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
         self.log_text(OmegaConf.to_yaml(OmegaConf.create(content)), "config.yaml")
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log the metrics of ``step``, except those this run already holds for that step (a resumed run)."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        """Log the metrics of ``step``, except those this run already holds for that step (a resumed run);
+        returns the metrics as the store holds them.
+
+        A resumed run recomputes the epochs after its checkpoint, and some were logged before it stopped; a value
+        is logged once per step, so the first one stays (one row per epoch), and the run goes on with that value,
+        so that its summary agrees with the store even where the recomputation rounds differently (on a GPU
+        without ``deterministic=true``).
+        """
         now = int(time.time() * 1000)
         new = [Metric(key, value, now, step) for key, value in metrics.items() if self.logged_steps.get(key, -1) < step]
         for start in range(0, len(new), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=new[start : start + MAX_METRICS_PER_BATCH])
         self.logged_steps.update({metric.key: step for metric in new})
+        return {key: self.held.get(key, {}).get(step, value) for key, value in metrics.items()}
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -248,8 +258,8 @@ class NoTracker:
     def __init__(self, run_id: str):
         self.run_id = run_id
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        return dict(metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -258,10 +268,14 @@ class NoTracker:
         pass
 
 
-def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
-    """The last step logged for each metric of a run (metrics are logged in increasing steps)."""
-    keys = client.get_run(run_id).data.metrics
-    return {key: max(metric.step for metric in client.get_metric_history(run_id, key)) for key in keys}
+def held_metrics(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
+    """Every value a run holds, per metric and step (the first one logged at a step, should there be more)."""
+    held: dict[str, dict[int, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.timestamp)
+        for metric in history:
+            held.setdefault(key, {}).setdefault(metric.step, metric.value)
+    return held
 
 
 def _ran_here(run: Run) -> bool:
