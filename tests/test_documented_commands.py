@@ -110,6 +110,7 @@ NOT_HERE = [
     (r"^createdb ", "creates databases on a PostgreSQL server at db-host (tests/test_postgres.py starts its own)"),
     (r"^sbatch ", "submits to a SLURM cluster"),
     (r"^srun ", "starts ranks on a SLURM cluster (tests/test_distributed.py starts ranks as srun would)"),
+    (r"^python -m dmg bench gpu", "measures GPUs (tests/test_bench_gpu.py runs it on the CPU with tiny settings)"),
     (r"^torchrun ", "one rank per GPU (tests/test_distributed.py runs launch.py under torchrun with 2 CPU ranks)"),
     (r"postgresql://", "needs the PostgreSQL server at db-host (tests/test_postgres.py covers PostgreSQL stores)"),
     (r"mlflow-host", "needs the MLflow server on mlflow-host"),
@@ -244,7 +245,7 @@ def test_every_documented_command_has_a_plan():
 def test_a_command_this_test_does_not_know_gets_no_plan():
     unknown = [
         "mpirun -n 2 python launch.py epochs=1",
-        "python -m dmg bench gpu",
+        "python -m dmg bench nothing",
         "mlflow gc",
         "optuna create",
     ]
