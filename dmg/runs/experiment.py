@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> float:
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
+    check_domain_passes(cfg, len(sources))
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
@@ -141,6 +142,20 @@ def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     check_input_size(network, cfg)
     check_optimizers(cfg.optim)
     return build(group_options(cfg.method), "method", network=network, domains=sources)
+
+
+def check_domain_passes(cfg: DictConfig, sources: int) -> None:
+    """``method.forward=per_domain`` cuts every training batch into equal per-domain blocks: balanced batches only."""
+    if cfg.method.get("forward", "joint") != "per_domain" or (
+        cfg.sampler == "balanced" and not cfg.batch_size % sources
+    ):
+        return
+    fit = cfg.batch_size // sources * sources or sources
+    raise UserError(
+        f"method.forward=per_domain (one forward pass per source domain, as DomainBed) needs sampler=balanced and a "
+        f"batch_size that is a multiple of the {sources} source domains, got sampler={cfg.sampler} "
+        f"batch_size={cfg.batch_size}: use sampler=balanced batch_size={fit}, or method.forward=joint"
+    )
 
 
 def build_averaging(cfg: DictConfig) -> NoAveraging:

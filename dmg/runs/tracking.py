@@ -37,7 +37,11 @@ ENDED = ("KILLED", "FAILED")
 # Settings added after runs were first recorded, with the value that reproduces the older behaviour: at that value
 # they are left out of the hash, so a run started before they existed is still found and continued.
 # Add every new setting here (tests/test_configs.py pins the hashes of a few configs).
-KEYS_ADDED_SINCE: dict[str, object] = {}
+KEYS_ADDED_SINCE: dict[str, object] = {
+    "method.forward": "joint",  # one forward pass on the whole batch, as before per-domain passes existed
+    "backbone.freeze_bn": False,
+    "backbone.network.freeze_bn": False,
+}
 LEGACY_MODULE = re.compile(r"\bdmg\.(?:engine|runs|sweeps|commands)\.")
 LEGACY_COMMAND = re.compile(r"python -m dmg (report|bench|prepare)\b")
 
