@@ -51,10 +51,10 @@ def run(cfg: DictConfig) -> float:
     torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN may pick its fastest kernels (GPU only)
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
-    check_domain_passes(cfg, len(sources))
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
+    check_domain_passes(cfg, len(sources))
     averaging = build_averaging(cfg)
     compute = configure_compute(method, cfg, device)
     loaders = build_loaders(splits, cfg, device, compute.channels_last)
