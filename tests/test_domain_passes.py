@@ -259,3 +259,19 @@ def test_multihead_heads_keep_the_frozen_batchnorm():
     cfg = compose_config(["method=multihead", "backbone.split_layer=conv3", "backbone.freeze_bn=true"])
     method = build_method(cfg, DOMAINS).train()
     assert batch_norms(method.heads) and not any(m.training for m in batch_norms(method))
+
+
+def test_bench_times_each_forward_of_the_methods_that_have_one(capsys):
+    from dmg.commands.bench import main, variants
+
+    cfg = compose_config(["method=coral"])
+    labelled = dict(variants(cfg, ["joint", "per_domain"]))
+    assert {label: c.method.forward for label, c in labelled.items()} == {
+        "coral/joint": "joint",
+        "coral/per_domain": "per_domain",
+    }
+    assert cfg.method.forward == "per_domain"  # the composed config is left as it was
+    arguments = "--backbone small_cnn --image-size 16 --channels 1 --classes 10 --batch-size 6 --warmup 1 --repeats 1"
+    main([*arguments.split(), "--device", "cpu", "--methods", "aggregate", "mixup", "--forward", "joint", "per_domain"])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["aggregate", "mixup/joint", "mixup/per_domain"]
