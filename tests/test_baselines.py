@@ -44,6 +44,10 @@ def fixed_batch(per_domain=(4, 5, 3), seed=0):
 
 
 def build(cls, **options):
+    """These tests check the loss terms on unequal, interleaved domains: one forward pass on the whole batch
+    (forward=joint); tests/test_domain_passes.py checks the per-domain passes."""
+    if issubclass(cls, (CORAL, MMD, GroupDRO, Mixup)):
+        options.setdefault("forward", "joint")
     torch.manual_seed(0)
     return cls(linear_network(), DOMAINS, optimizer=adam, classifier_init_std=None, **options).double()
 
@@ -334,6 +338,7 @@ def test_one_epoch_run_finishes_and_logs_its_loss_terms(store, method):
     from mlflow.tracking import MlflowClient
 
     overrides = [f"tracking.experiment={method}", f"method={method}", "epochs=1", "sampler=balanced"]
+    overrides.append("batch_size=60")  # per-domain passes (CORAL, MMD, GroupDRO, Mixup): equal shares of 5 sources
     cfg = compose_config([*QUICK, *store, *overrides])
     result = run(cfg)
     client = MlflowClient(cfg.tracking.uri)

@@ -1,6 +1,7 @@
 """Speed of each method on random data: training and evaluation images per second, and DMG's cost ratios.
 
     python -m dmg bench --backbone alexnet --batch-size 64 --domains 3
+    python -m dmg bench --backbone resnet18 --methods coral mixup --forward joint per_domain   # method.forward costs
     python -m dmg bench loader --workers 0 2   # data-loading throughput (dmg/data/throughput.py)
     python -m dmg bench train                  # real epochs from files: end to end vs compute only (dmg/commands/bench_train.py)
     python -m dmg bench gpu                    # the GPU acceptance check: syncs, training speed, DDP; one JSON (bench_gpu.py)
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 from dmg.commands import bench_gpu, bench_train
 from dmg.data import throughput
 from dmg.methods.base import Method
+from dmg.methods.domain_passes import FORWARDS
 from dmg.runs.experiment import build_method, resolve_device
 
 PHASES = ["train", "eval_in", "eval_out"]
@@ -110,10 +112,24 @@ def bench_methods(args: argparse.Namespace) -> None:
     )
     domains = [f"domain{i}" for i in range(args.domains)]
     methods = {
-        name: build_method(compose(args.backbone, name, shape, args.classes), domains).to(device)
+        label: build_method(cfg, domains).to(device)
         for name in args.methods
+        for label, cfg in variants(compose(args.backbone, name, shape, args.classes), args.forward)
     }
     report(measure(methods, batch, device, args.warmup, args.repeats), args, device)
+
+
+def variants(cfg: DictConfig, forwards: list[str] | None) -> list[tuple[str, DictConfig]]:
+    """The method's config once per ``method.forward`` in ``forwards`` (labelled ``coral/joint``...), or as it is
+    when the method has no such key or ``forwards`` is None."""
+    if not forwards or "forward" not in cfg.method:
+        return [(cfg.method.name, cfg)]
+    labelled = []
+    for forward in forwards:
+        variant = cfg.copy()
+        variant.method.forward = forward
+        labelled.append((f"{cfg.method.name}/{forward}", variant))
+    return labelled
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -124,6 +140,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     methods.add_argument("--backbone", default="alexnet", help="a conf/backbone option (default: alexnet)")
     methods.add_argument("--methods", nargs="+", default=METHODS, choices=AVAILABLE)
     methods.add_argument("--batch-size", type=int, default=64)
+    methods.add_argument(
+        "--forward",
+        nargs="+",
+        choices=FORWARDS,
+        help="method.forward values to time for the methods that have the key (default: each method's own)",
+    )
     methods.add_argument("--domains", type=int, default=3, help="number of source domains")
     methods.add_argument("--classes", type=int, default=7)
     methods.add_argument("--image-size", type=int, default=224)
@@ -142,9 +164,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def report(results: dict[str, dict[str, float]], args: argparse.Namespace, device: torch.device) -> None:
     print(f"{args.backbone}, batch {args.batch_size}, {args.domains} source domains, {args.image_size}px, {device}")
-    print(f"{'method':<10} {'train img/s':>12} {'eval in img/s':>14} {'eval out img/s':>15}")
+    width = max(10, *map(len, results))
+    print(f"{'method':<{width}} {'train img/s':>12} {'eval in img/s':>14} {'eval out img/s':>15}")
     for name, speed in results.items():
-        print(f"{name:<10} {speed['train']:>12.1f} {speed['eval_in']:>14.1f} {speed['eval_out']:>15.1f}")
+        print(f"{name:<{width}} {speed['train']:>12.1f} {speed['eval_in']:>14.1f} {speed['eval_out']:>15.1f}")
     if "dmg" in results and "aggregate" in results:
         dmg, base = results["dmg"], results["aggregate"]
         print("DMG / aggregate time ratios (lower is better; targets: train <= 1.05, out-of-domain eval <= 1.3):")

@@ -8,8 +8,9 @@ domains in the batch, of a distance between the two domains' features (the class
 - MMD (Li et al., CVPR 2018): ``mean K(a, a') + mean K(b, b') - 2 mean K(a, b)`` with the Gaussian mixture kernel
   ``K(a, b) = sum_g exp(-g * |a - b|^2)`` over DomainBed's bandwidths.
 
-The batch runs through the network at once (DomainBed runs each domain separately, which gives BatchNorm
-per-domain statistics); the penalties are exact either way.
+``forward=per_domain`` (the default) computes the features with one network call per source domain, as DomainBed
+does, so BatchNorm normalises each domain with its own statistics; ``forward=joint`` makes one call on the whole
+batch (faster; see :mod:`dmg.methods.domain_passes`). The penalties are exact either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dmg.engine.distributed import gather_batch
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
+from dmg.methods.domain_passes import check_forward, domain_forward
 
 DOMAINBED_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -32,17 +34,19 @@ class FeatureAlignment(Aggregate):
 
     min_samples = 1  # a domain joins the penalty with at least this many samples in the batch
 
-    def __init__(self, *args, penalty_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, penalty_weight: float = 1.0, forward: str = "per_domain", **kwargs):
         super().__init__(*args, **kwargs)
         check_number("penalty_weight", penalty_weight, least=0)
         self.penalty_weight = penalty_weight
+        self.forward_mode = check_forward(forward)
 
     def distances(self, features: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """(domains, domains) distances between the feature distributions of every pair of domains (in fp32)."""
         raise NotImplementedError
 
     def objective(self, x, y, d):
-        features, y, d = gather_batch(self.network.features(x), y, d)  # (B, F): the global batch under DDP
+        per_domain = domain_forward(self.network.features, x, y, d, self.num_domains, self.forward_mode)
+        features, y, d = gather_batch(*per_domain)  # (B, F): the global batch under DDP
         logits = self.network.classifier(features)
         n = by_domain.counts(d, self.num_domains)
         ce = by_domain.mean_over(by_domain.risks(logits, y, d, self.num_domains), n > 0)

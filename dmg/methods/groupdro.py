@@ -3,7 +3,8 @@
 Online domain weights ``q`` (a probability vector over source domains) grow exponentially with each domain's
 risk: ``q_d <- q_d * exp(eta * risk_d)``, then ``q <- q / sum(q)``; the loss is ``sum_d q_d * risk_d`` with the updated
 weights. Expects balanced batches (``sampler=balanced``); a domain absent from a batch keeps its weight, and the
-loss renormalises the weights of the domains present.
+loss renormalises the weights of the domains present. ``forward=per_domain`` (the default) calls the network once per
+domain, as DomainBed does (BatchNorm statistics per domain); ``forward=joint`` once on the batch.
 """
 
 from __future__ import annotations
@@ -14,20 +15,23 @@ from dmg.engine.distributed import gather_batch
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
+from dmg.methods.domain_passes import check_forward, domain_forward
 
 
 class GroupDRO(Aggregate):
     """Minimises the risk of the worst domains through exponentiated-gradient domain weights."""
 
-    def __init__(self, *args, eta: float = 1e-2, **kwargs):
+    def __init__(self, *args, eta: float = 1e-2, forward: str = "per_domain", **kwargs):
         super().__init__(*args, **kwargs)
         check_number("eta", eta, least=0)
         self.eta = eta
+        self.forward_mode = check_forward(forward)
         self.register_buffer("domain_weights", torch.ones(self.num_domains))  # q, checkpointed with the weights
         self._next_weights: torch.Tensor | None = None
 
     def objective(self, x, y, d):
-        logits, y, d = gather_batch(self.network(x), y, d)  # the global batch under DDP
+        per_domain = domain_forward(self.network, x, y, d, self.num_domains, self.forward_mode)
+        logits, y, d = gather_batch(*per_domain)  # the global batch under DDP
         risks = by_domain.risks(logits, y, d, self.num_domains)  # (D,)
         present = (by_domain.counts(d, self.num_domains) > 0).to(risks.dtype)
         weights = self.domain_weights * torch.exp(self.eta * risks.detach() * present)

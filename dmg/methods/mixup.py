@@ -4,8 +4,12 @@ The batch's source domains are put in a random cycle; each domain ``a`` is mixed
 sample ``k`` of ``a`` with sample ``k`` of ``b``, ``x = lam_a * x_a + (1 - lam_a) * x_b``,
 ``lam_a ~ Beta(alpha, alpha)`` drawn per pair, and the pair's loss is
 ``mean(lam_a * CE(f(x), y_a) + (1 - lam_a) * CE(f(x), y_b))``. The objective is the sum of the pairs' losses
-divided by the number of domains. Expects balanced batches (``sampler=balanced``):
-a sample without a partner of the same rank in the next domain is left out of the loss.
+divided by the number of domains. Expects balanced batches (``sampler=balanced``).
+
+``forward=per_domain`` (the default) calls the network once per pair of domains, in the order of the cycle, as
+DomainBed does (BatchNorm normalises each mixed pair with its own statistics; it needs equal domain shares in every
+batch). ``forward=joint`` makes one call on the whole mixed batch; there a sample without a partner of the same
+rank in the next domain is left out of the loss.
 """
 
 from __future__ import annotations
@@ -16,20 +20,35 @@ import torch.nn.functional as F
 from dmg.errors import check_number
 from dmg.methods import by_domain
 from dmg.methods.aggregate import Aggregate
+from dmg.methods.domain_passes import check_forward, domain_blocks, per_block
 
 
 class Mixup(Aggregate):
     """Cross-entropy on convex combinations of samples of two source domains."""
 
-    def __init__(self, *args, alpha: float = 0.2, **kwargs):
+    def __init__(self, *args, alpha: float = 0.2, forward: str = "per_domain", **kwargs):
         super().__init__(*args, **kwargs)
         check_number("alpha", alpha, above=0)
         self.alpha = float(alpha)
+        self.forward_mode = check_forward(forward)
 
     def objective(self, x, y, d):
         cycle = torch.randperm(self.num_domains, device=d.device)  # order of the domains in the cycle
         lam = beta_samples(self.alpha, self.num_domains, x.device)  # one weight per pair (per first domain)
-        return self.mixed_objective(x, y, d, cycle, lam)
+        mixed = self.pairwise_objective if self.forward_mode == "per_domain" else self.mixed_objective
+        return mixed(x, y, d, cycle, lam)
+
+    def pairwise_objective(self, x, y, d, cycle: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward=per_domain``: one network call per pair of domains, pairs in the cycle's order (DomainBed's
+        ``Mixup.update`` with ``random_pairs_of_minibatches``); ``lam`` is indexed by the pair's first domain."""
+        x_blocks, y_blocks, _ = domain_blocks(x, y, d, self.num_domains)  # (D, n, ...), block k: domain k
+        first, second = cycle, cycle.roll(-1)  # pair i: domains cycle[i] and cycle[i + 1]
+        weight = lam[first]  # (D,)
+        spread = weight.view(-1, *(1,) * x.dim())
+        logits = per_block(self.network, spread * x_blocks[first] + (1 - spread) * x_blocks[second])  # (D, n, C)
+        ce_first = F.cross_entropy(logits.transpose(1, 2), y_blocks[first], reduction="none").mean(1)  # (D,)
+        ce_second = F.cross_entropy(logits.transpose(1, 2), y_blocks[second], reduction="none").mean(1)
+        return {"loss": (weight * ce_first + (1 - weight) * ce_second).sum() / self.num_domains}
 
     def mixed_objective(self, x, y, d, cycle: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss for a given cycle of domains and per-pair weights ``lam`` (indexed by the pair's first domain)."""

@@ -19,8 +19,11 @@ from dmg.errors import UserError
 from dmg.models.staged import StagedNetwork
 
 
-def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> StagedNetwork:
-    """Three conv-BN-ReLU blocks with max-pooling between them, global pooling and a linear classifier."""
+def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32, freeze_bn: bool = False) -> StagedNetwork:
+    """Three conv-BN-ReLU blocks with max-pooling between them, global pooling and a linear classifier.
+
+    ``freeze_bn``: BatchNorm held in eval mode (see :class:`StagedNetwork`); likewise for every builder here.
+    """
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -35,33 +38,48 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> Staged
             ("avgpool", nn.AdaptiveAvgPool2d(1)),
             ("flatten", nn.Flatten(1)),
             ("fc", nn.Linear(4 * width, num_classes)),
-        ]
+        ],
+        freeze_bn,
     )
 
 
 def alexnet(
-    num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    weights: str | None = None,
+    freeze_bn: bool = False,
 ) -> StagedNetwork:
-    """torchvision AlexNet; every layer of ``features`` and ``classifier`` is a stage (``classifier.6`` is new)."""
+    """torchvision AlexNet; every layer of ``features`` and ``classifier`` is a stage (``classifier.6`` is new).
+
+    AlexNet has no BatchNorm: ``freeze_bn`` changes nothing (accepted so that every backbone takes the key).
+    """
     model = _torchvision_model("alexnet", pretrained, weights)
     model.features[0] = _adapt_input_channels(model.features[0], in_channels)
     model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
     return StagedNetwork(
         [(f"features.{i}", layer) for i, layer in enumerate(model.features)]
         + [("avgpool", model.avgpool), ("flatten", nn.Flatten(1))]
-        + [(f"classifier.{i}", layer) for i, layer in enumerate(model.classifier)]
+        + [(f"classifier.{i}", layer) for i, layer in enumerate(model.classifier)],
+        freeze_bn,
     )
 
 
 def resnet(
-    depth: int, num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None
+    depth: int,
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    weights: str | None = None,
+    freeze_bn: bool = False,
 ) -> StagedNetwork:
     """torchvision ResNet-``depth``; its top-level modules are the stages, ``fc`` is new."""
     model = _torchvision_model(f"resnet{depth}", pretrained, weights)
     model.conv1 = _adapt_input_channels(model.conv1, in_channels)
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
     stages = [(name, getattr(model, name)) for name in names]
-    return StagedNetwork(stages + [("flatten", nn.Flatten(1)), ("fc", nn.Linear(model.fc.in_features, num_classes))])
+    classifier = [("flatten", nn.Flatten(1)), ("fc", nn.Linear(model.fc.in_features, num_classes))]
+    return StagedNetwork(stages + classifier, freeze_bn)
 
 
 def _torchvision_model(name: str, pretrained: bool, weights_file: str | None) -> nn.Module:

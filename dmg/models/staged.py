@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from dmg.errors import UserError
+from dmg.errors import BadValue, UserError
 
 StageHook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -26,12 +26,28 @@ class InputTooSmall(UserError):
 
 
 class StagedNetwork(nn.Module):
-    """Runs its stages one after another; ``run`` can start and stop at any stage and transform stage inputs."""
+    """Runs its stages one after another; ``run`` can start and stop at any stage and transform stage inputs.
 
-    def __init__(self, stages: Sequence[tuple[str, nn.Module]]):
+    ``freeze_bn`` (DomainBed's ``freeze_bn``): every BatchNorm layer stays in eval mode, also while training, so
+    it normalises with its running statistics and never updates them; its affine weights still train.
+    """
+
+    def __init__(self, stages: Sequence[tuple[str, nn.Module]], freeze_bn: bool = False):
         super().__init__()
         self.names = [name for name, _ in stages]
         self.stages = nn.ModuleDict({name.replace(".", "_"): module for name, module in stages})
+        if not isinstance(freeze_bn, bool):
+            raise BadValue("freeze_bn", "true or false", freeze_bn)
+        self.freeze_bn = freeze_bn
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> StagedNetwork:
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def index(self, name: str) -> int:
         """Position of the stage called ``name``; a clear error lists the valid names otherwise."""
@@ -50,7 +66,7 @@ class StagedNetwork(nn.Module):
 
     def slice(self, start: int, stop: int | None = None) -> StagedNetwork:
         """The stages ``[start, stop)`` as a network of their own (sharing the modules)."""
-        return StagedNetwork(list(zip(self.names, self.stages.values()))[start:stop])
+        return StagedNetwork(list(zip(self.names, self.stages.values()))[start:stop], self.freeze_bn)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier stage's input (B, features): what feature-alignment methods compare across domains."""

@@ -76,6 +76,7 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
     check_last_batch(len(splits.train), cfg, ranks)
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
+    check_domain_passes(cfg, len(sources), ranks)
     if ranks.distributed and cfg.distributed.sync_batch_norm:
         distributed.convert_batch_norm(method)
     averaging = build_averaging(cfg)
@@ -269,6 +270,25 @@ def build_method(cfg: DictConfig, sources: list[str]) -> Method:
     check_input_size(network, cfg)
     check_optimizers(cfg.optim)
     return build(group_options(cfg.method), "method", network=network, domains=sources)
+
+
+def check_domain_passes(cfg: DictConfig, sources: int, ranks: Ranks) -> None:
+    """``method.forward=per_domain`` cuts every training batch into equal per-domain blocks: balanced batches only,
+    in one process (a rank's shard of a balanced batch does not hold every domain equally)."""
+    per_domain = cfg.method.get("forward", "joint") == "per_domain"
+    if per_domain and ranks.distributed:
+        raise UserError(
+            f"method.forward=per_domain (one forward pass per source domain) runs in one process only, not on "
+            f"{ranks.world_size} ranks: use method.forward=joint under torchrun or srun"
+        )
+    if not per_domain or (cfg.sampler == "balanced" and not cfg.batch_size % sources):
+        return
+    fit = cfg.batch_size // sources * sources or sources
+    raise UserError(
+        f"method.forward=per_domain (one forward pass per source domain, as DomainBed) needs sampler=balanced and a "
+        f"batch_size that is a multiple of the {sources} source domains, got sampler={cfg.sampler} "
+        f"batch_size={cfg.batch_size}: use sampler=balanced batch_size={fit}, or method.forward=joint"
+    )
 
 
 def build_averaging(cfg: DictConfig) -> NoAveraging:

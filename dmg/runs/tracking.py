@@ -45,6 +45,9 @@ KEYS_ADDED_SINCE: dict[str, object] = {
     "distributed.timeout_s": 600,
     "distributed.sync_batch_norm": True,
     "deterministic": False,
+    "method.forward": "joint",  # one forward pass on the whole batch, as before per-domain passes existed
+    "backbone.freeze_bn": False,
+    "backbone.network.freeze_bn": False,
 }
 LEGACY_MODULE = re.compile(r"\bdmg\.(?:engine|runs|sweeps|commands)\.")
 LEGACY_COMMAND = re.compile(r"python -m dmg (report|bench|prepare)\b")
