@@ -87,9 +87,9 @@ METHODS = {  # name: overrides; balanced-style batches for the methods that comp
     "multihead": ["method=multihead"],
     "dmg": ["method=dmg"],
     "dmg_element": ["method=dmg", "mask.granularity=element"],
-    "coral": ["method=coral"],
-    "mmd": ["method=mmd"],
-    "groupdro": ["method=groupdro"],
+    "coral": ["method=coral", "method.forward=joint"],  # per-domain passes run in one process only
+    "mmd": ["method=mmd", "method.forward=joint"],
+    "groupdro": ["method=groupdro", "method.forward=joint"],
     "irm": ["method=irm"],
     "vrex": ["method=vrex"],
     "dann": ["method=dann", "method.optimizer._target_=torch.optim.SGD", "~method.optimizer.betas"]
@@ -202,8 +202,8 @@ E2E = {  # method: overrides; 801 training samples: the last batch of 33 splits 
     "multihead": ["method=multihead"],
     "dmg": ["method=dmg"],
     "dmg_element": ["method=dmg", "mask.granularity=element"],
-    "coral": ["method=coral", "sampler=balanced"],
-    "groupdro": ["method=groupdro", "sampler=balanced"],
+    "coral": ["method=coral", "sampler=balanced", "method.forward=joint"],
+    "groupdro": ["method=groupdro", "sampler=balanced", "method.forward=joint"],
     "vrex": ["method=vrex", "sampler=balanced", "method.anneal_steps=10"],
     "dann": ["method=dann"],
 }

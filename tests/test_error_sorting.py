@@ -42,11 +42,11 @@ def test_a_bug_inside_a_constructor_keeps_its_type_and_traceback():
 
 def test_only_a_damaged_checkpoint_counts_as_damaged(tmp_path, caplog):
     good = tmp_path / "last.pt"
-    torch.save({"epoch": 1}, good)
+    torch.save({"epoch": 1, "epochs_from": 1}, good)
     truncated, garbage = tmp_path / "truncated.pt", tmp_path / "garbage.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage.write_bytes(b"not a checkpoint")
-    assert _read(good) == {"epoch": 1} and _read(truncated) is None and _read(garbage) is None
+    assert _read(good) == {"epoch": 1, "epochs_from": 1} and _read(truncated) is None and _read(garbage) is None
     assert "truncated.pt cannot be read" in caplog.text and "garbage.pt cannot be read" in caplog.text
     (tmp_path / "moved_module.py").write_text("class State:\n    pass\n")
     saved = "import torch, moved_module; torch.save({'state': moved_module.State()}, 'sound.pt')"

@@ -81,7 +81,8 @@ class MMD(FeatureAlignment):
             check_number("kernel_gammas", gamma, above=0)
         self.kernel_gammas = [float(gamma) for gamma in kernel_gammas]
         # on the model's device: made from Python floats at every step, it would be a blocking copy from the host
-        self.register_buffer("gammas", torch.tensor(self.kernel_gammas), persistent=False)
+        # float64: cast to the features' dtype at use, so each gamma is as exact as that dtype allows
+        self.register_buffer("gammas", torch.tensor(self.kernel_gammas, dtype=torch.float64), persistent=False)
 
     @in_fp32
     def distances(self, features, d):
