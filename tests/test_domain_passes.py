@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmg.engine.averaging import NoAveraging
+from dmg.engine.ranks import Ranks
 from dmg.engine.syncs import step_syncs
+from dmg.errors import UserError
 from dmg.methods.alignment import CORAL, MMD
 from dmg.methods.domain_passes import domain_blocks
 from dmg.methods.groupdro import GroupDRO
 from dmg.methods.mixup import Mixup, beta_samples
 from dmg.models import backbones
-from dmg.runs.experiment import build_method
+from dmg.runs.experiment import build_method, check_domain_passes
 from tests.conftest import compose_config
 from tests.test_baselines import coral_distance, mixup_by_hand, mmd_distance
 
@@ -274,3 +276,13 @@ def test_bench_times_each_forward_of_the_methods_that_have_one(capsys):
     main([*arguments.split(), "--device", "cpu", "--methods", "aggregate", "mixup", "--forward", "joint", "per_domain"])
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["aggregate", "mixup/joint", "mixup/per_domain"]
+
+
+@pytest.mark.parametrize("name", ["coral", "mmd", "groupdro", "mixup"])
+def test_per_domain_passes_are_refused_on_several_ranks_and_accepted_in_one_process(name):
+    cfg = compose_config([f"method={name}", "sampler=balanced", "batch_size=60"])
+    check_domain_passes(cfg, 5, Ranks())  # one process: balanced batches of 12 per source domain
+    with pytest.raises(UserError, match="runs in one process only, not on 2 ranks: use method.forward=joint"):
+        check_domain_passes(cfg, 5, Ranks(rank=1, local_rank=1, world_size=2))
+    joint = compose_config([f"method={name}", "method.forward=joint", "batch_size=60"])
+    check_domain_passes(joint, 5, Ranks(rank=1, local_rank=1, world_size=2))
