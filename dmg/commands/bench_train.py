@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dmg.data import choose_domains
 from dmg.data.synthetic import write_pacs_kfold
@@ -117,12 +117,22 @@ def configure(args: argparse.Namespace, root: str, backbone: str, method: str) -
         return compose("config", overrides=overrides)
 
 
+def with_domain_passes(cfg: DictConfig, sources: int) -> DictConfig:
+    """A method with ``method.forward=per_domain`` (CORAL, MMD, Mixup, GroupDRO by default) trains on balanced batches
+    of a multiple of the number of sources, as ``launch.py`` requires of it (the batch rounded down)."""
+    if cfg.method.get("forward") != "per_domain":
+        return cfg
+    balanced = {"sampler": "balanced", "batch_size": max(cfg.batch_size // sources, 1) * sources}
+    return OmegaConf.merge(cfg, balanced)
+
+
 def measure(cfg: DictConfig, epochs: int, compute_batches: int) -> Result:
     """Train ``epochs`` real epochs (the first one warms up), then time the compute-only steps."""
     device = resolve_device(cfg.device)
     data = instantiate(cfg.dataset.builder)
     sources, targets = choose_domains(data.domains, cfg.target, cfg.sources)
     splits = data.build(sources, targets)
+    cfg = with_domain_passes(cfg, len(sources))
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, sources).to(device)
     compute = configure_compute(method, cfg, device)
