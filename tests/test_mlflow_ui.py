@@ -244,7 +244,7 @@ def runs_table_picture(page, base_url: str, experiment_id: str, folder: Path) ->
     page.get_by_text("sweep-", exact=False).first.wait_for(state="visible")
     close_assistant(page)
     page.get_by_role("gridcell").filter(has_text="sweep-").locator("button").first.click()  # expand: its trials
-    page.get_by_text("trial-", exact=False).first.wait_for(state="visible")
+    page.get_by_text("-trial", exact=False).first.wait_for(state="visible")
     return picture(page, folder / "runs-table.png")
 
 
