@@ -166,11 +166,20 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float(a.norm())
 
 
-def test_two_ranks_take_the_steps_one_process_takes_with_uneven_shards(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each rank computes; restored afterwards (later in-process runs are compared with
+    subprocesses that use the default count, and another count rounds differently)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_ranks_take_the_steps_one_process_takes_with_uneven_shards(tmp_path, one_thread):
     """15 samples split 8/7: the share-weighted gradients, the gathered batch statistics (CORAL, MMD, GroupDRO,
     IRM, VREx), BatchNorm over the global batch and DMG's per-sample mask draws give one process's parameters
     after every method's steps; every rank holds the same parameters and buffers (GroupDRO's weights too)."""
-    torch.set_num_threads(1)
     names = list(METHODS)
     alone = {name: _train(name, Ranks()) for name in names}
     out = str(tmp_path / "ranks")
