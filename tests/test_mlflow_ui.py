@@ -14,14 +14,10 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import QUICK
+from tests.mlflow_server import api, mlflow_ui
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -36,22 +33,6 @@ README = ROOT / "README.md"
 README_ADDRESS = "http://127.0.0.1:5000"
 CLICK_TIMEOUT_MS = 60_000  # a deadline that catches a click nothing answers (a busy machine renders slowly)
 MAX_PICTURE_BYTES = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def api(base_url: str, endpoint: str, body: dict | None = None) -> dict:
-    """One call of MLflow's REST API (POST with a JSON body, GET without)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{base_url}/api/2.0/mlflow/{endpoint}", data=data, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.load(response)
 
 
 def launch(store: Path, *overrides: str) -> None:
@@ -65,40 +46,6 @@ def launch(store: Path, *overrides: str) -> None:
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-@contextmanager
-def mlflow_ui(store: Path):
-    """``mlflow ui`` on ``store``'s SQLite file at a free local port; yields its address once its API answers."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", f"sqlite:///{store}/mlflow.db"]
-        + ["--host", "127.0.0.1", "--port", str(port)],
-        cwd=store,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its workers share its process group, ended together below
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                api(base_url, "experiments/search", {"max_results": 10})
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
-                time.sleep(0.5)
-        yield base_url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def chromium_or_skip() -> str:

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from dmg.sweeps.trials import FAILURE_ATTR, requeue_abandoned
+from tests.mlflow_server import mlflow_ui
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 300  # seconds: only a hang takes this long
@@ -134,19 +135,35 @@ def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_a_dead_trial(tmp_p
     assert study.trials[0].state == TrialState.RUNNING
 
 
-def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(tmp_path, monkeypatch):
-    """A ``file:`` store has no lock, as an ``http://`` server has none here: the Optuna storage's lock serves."""
-    tracking, storage = f"file:{tmp_path}/mlruns", f"sqlite:///{tmp_path}/optuna.db"
+def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(tmp_path):
+    """An ``http://`` MLflow server gives its clients no lock: the Optuna storage's lock serves."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    (tmp_path / "race").mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
+    environment["DMG_RACE_WINDOW"] = "parent:5"  # searched, not yet created; with the lock only one gets here at once
+    with mlflow_ui(tmp_path) as tracking:
+        command = [sys.executable, str(ROOT / "tests" / "parent_worker.py"), tracking, storage]
+        workers = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = finish(*workers)
+        assert len({output.split()[-1] for output in outputs}) == 1  # both workers use the same parent run
+        client = MlflowClient(tracking)
+        assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 1
+
+
+def test_processes_creating_an_experiment_on_a_file_store_create_one(tmp_path, monkeypatch):
+    """A ``file:`` store accepts a second experiment of one name: it is searched and created under a lock."""
+    tracking = f"file:{tmp_path}/mlruns"
     (tmp_path / "race").mkdir()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores in maintenance mode
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
-    environment["DMG_RACE_WINDOW"] = "parent:5"  # searched, not yet created; with the lock only one gets here at once
-    command = [sys.executable, str(ROOT / "tests" / "parent_worker.py"), tracking, storage]
-    workers = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = finish(*workers)
-    assert len({output.split()[-1] for output in outputs}) == 1  # both workers use the same parent run
-    client = MlflowClient(tracking)
-    assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 1
+    environment["DMG_RACE_WINDOW"] = "experiment:5"  # searched, not yet created: one at a time under the lock
+    create = "import sys; from dmg.runs.stores import mlflow_client; from dmg.runs.tracking import experiment_id; "
+    create += "print(experiment_id(mlflow_client(sys.argv[1]), 'race'))"
+    command = [sys.executable, "-c", create, tracking]
+    outputs = finish(*[subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)])
+    assert len({output.split()[-1] for output in outputs}) == 1
+    names = [experiment.name for experiment in MlflowClient(tracking).search_experiments()]
+    assert names.count("race") == 1
 
 
 def test_a_run_finished_while_an_identical_command_started_is_reported_not_trained_again(tmp_path):

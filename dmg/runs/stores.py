@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,19 +65,29 @@ def sqlite_file(uri: str) -> Path | None:
 
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock for creating or migrating a store: a file beside a SQLite store, an advisory lock in
-    a PostgreSQL server (whose schema migrations race just the same); nothing for other stores."""
-    database = sqlite_file(uri)
+    """Hold an exclusive lock for creating or migrating a store: a file beside a SQLite store or a ``file:`` store's
+    folder (which lets two processes create one experiment name twice), an advisory lock in a PostgreSQL server
+    (whose schema migrations race just the same); nothing for other stores."""
     if scheme(uri) == "postgresql":
         with _advisory_lock(uri):
             yield
-    elif database is None:
+        return
+    beside = sqlite_file(uri) or local_folder(uri)
+    if beside is None:
         yield
-    else:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{database}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+        return
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{beside}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def local_folder(uri: str) -> Path | None:
+    """The folder of a ``file:`` store (``file:/abs/mlruns``, ``file:///abs/mlruns`` or a plain path)."""
+    if scheme(uri) != "file":
+        return None
+    path = urllib.parse.urlparse(uri).path if uri.startswith("file:") else uri
+    return Path(path).expanduser().resolve()
 
 
 @contextmanager

@@ -27,7 +27,8 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from omegaconf import DictConfig, OmegaConf
 
 from dmg.errors import RunInProgress
-from dmg.runs.stores import mask_secrets, masked, mlflow_client
+from dmg.runs.stores import mask_secrets, masked, mlflow_client, store_lock
+from dmg.runs.windows import window
 
 log = logging.getLogger(__name__)
 
@@ -342,15 +343,18 @@ class config_lock:  # noqa: N801 - used as a context manager, like a function
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if needed; safe when another process creates it too."""
+    """The experiment's id, created if needed; safe when another process creates it too (a database refuses a
+    second experiment of one name; a ``file:`` store does not, so it is searched and created under its lock)."""
     for _ in range(3):
-        experiment = client.get_experiment_by_name(name)
-        if experiment:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name)
-        except MlflowException:  # created meanwhile by another process
-            continue
+        with store_lock(client.tracking_uri):
+            experiment = client.get_experiment_by_name(name)
+            if experiment:
+                return experiment.experiment_id
+            window("experiment")  # searched, not yet created
+            try:
+                return client.create_experiment(name)
+            except MlflowException:  # created meanwhile by another process
+                continue
     raise RuntimeError(f"could not create MLflow experiment {name!r}")
 
 

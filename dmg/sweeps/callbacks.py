@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "DMG_MLFLOW_PARENT_RUN"
 PARENT_TAG = "mlflow.parentRunId"
-LOCKABLE = ("sqlite", "postgresql")  # stores that dmg.runs.stores.store_lock locks
+LOCKABLE = ("sqlite", "postgresql", "file")  # stores that dmg.runs.stores.store_lock locks
 
 
 class MaskSecrets(Callback):
@@ -168,8 +168,8 @@ class SweepParentRun(Callback):
             return self.client.create_run(experiment, run_name=f"sweep-{self.study}", tags=tags).info.run_id
 
     def lock(self):
-        """The lock under which workers look for the parent run: the MLflow store's (SQLite, PostgreSQL), or where it
-        has none (an ``http://`` server, ``file:``), the Optuna storage's, which every worker of the study shares."""
+        """The lock under which workers look for the parent run: the MLflow store's (SQLite, PostgreSQL, ``file:``),
+        or where it has none (an ``http://`` server), the Optuna storage's, which every worker of the study shares."""
         uri = self.tracking_uri if scheme(self.tracking_uri) in LOCKABLE or not self.storage else self.storage
         return store_lock(uri)
 
