@@ -26,6 +26,7 @@ from dmg.commands import report
 from dmg.engine import checkpoints
 from dmg.errors import SetupError, UserError
 from dmg.sweeps.sweeper import SweepFailed, SweepStopped, describe, expand_glob
+from dmg.sweeps.trials import FAILURE_ATTR
 from launch import task as launch_task
 from tests.conftest import CONF_DIR
 
@@ -376,6 +377,21 @@ def test_a_bad_search_space_is_one_line_before_the_study_is_touched(fake_sweep, 
 def test_a_typo_is_named_with_the_key_it_probably_meant(fake_sweep):
     with pytest.raises(UserError, match=r"tracking.trail is not a key of the config \(did you mean tracking.trial\?\)"):
         fake_sweep(lambda number, x: x, 2, "tracking.trail=choice(0,1)")
+
+
+def test_trials_that_failed_on_a_corrected_typo_do_not_count_toward_n_trials(fake_sweep):
+    """A typo's trial that ran and failed (by an older version, or queued by hand) is a failure of another search
+    space: rerun with the typo fixed, the study still gets n_trials of its own."""
+    study = optuna.create_study(study_name="fake", storage=fake_sweep.storage, direction="maximize")
+    failed = optuna.create_trial(
+        state=TrialState.FAIL,
+        params={"x_typo": 1},
+        distributions={"x_typo": optuna.distributions.CategoricalDistribution([0, 1])},
+        user_attrs={FAILURE_ATTR: "x_typo is not a key of the config"},
+    )
+    study.add_trial(failed)
+    results = fake_sweep(lambda number, x: x, 2)
+    assert results["trials"] == {"complete": 2, "fail": 1}
 
 
 def test_a_study_poisoned_by_a_queued_typo_is_repaired_by_the_corrected_command(fake_sweep):

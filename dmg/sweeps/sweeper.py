@@ -125,15 +125,17 @@ class ResumableOptuna(OptunaSweeperImpl):
         self.trial_key = trial_key
         self.results_file = Path(results_file)
         self.awaited = ""
+        self.searched: list[str] = []  # the search space's names, once the sweep has parsed it
         self.conditions = {name: parse_condition(name, spec) for name, spec in (conditional_params or {}).items()}
         self.custom_search_space_extender = extend_with(self.conditions, self.custom_search_space_extender)
 
     def sweep(self, arguments: list[str]) -> None:
         """Run trials until the study holds ``n_trials`` finished ones; write the best trial to ``results_file``."""
         space, fixed = self.parse_search_space(arguments)
-        study = self.open_study([*space, *self.conditions])
+        self.searched = [*space, *self.conditions]
+        study = self.open_study(self.searched)
         failures_in_a_row = 0
-        while finished(study.get_trials(deepcopy=False)) < self.n_trials:
+        while finished(study.get_trials(deepcopy=False), self.searched) < self.n_trials:
             trials = self.start_trials(study)
             if not trials:
                 self.wait_for_others(study)
@@ -211,7 +213,7 @@ class ResumableOptuna(OptunaSweeperImpl):
         trials = study.get_trials(deepcopy=False)
         if trials:  # a seeded sampler would otherwise repeat the suggestions it made when the study began
             self.sampler.reseed_rng()
-        log.info("study %s: %d of %d trials finished", study.study_name, finished(trials), self.n_trials)
+        log.info("study %s: %d of %d trials finished", study.study_name, finished(trials, names), self.n_trials)
         return study
 
     def start_trials(self, study: optuna.Study) -> list[Trial]:
@@ -224,7 +226,7 @@ class ResumableOptuna(OptunaSweeperImpl):
         with store_lock(self.storage):
             trials = study.get_trials(deepcopy=False)
             busy = sum(trial.state == TrialState.RUNNING for trial in trials)
-            size = max(0, min(self.n_jobs, self.n_trials - finished(trials) - busy))
+            size = max(0, min(self.n_jobs, self.n_trials - finished(trials, self.searched) - busy))
             window("ask")  # counted, not yet asked
             return [claim(study.ask()) for _ in range(size)]
 

@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -106,9 +106,14 @@ def is_dead(process: dict) -> bool:
     return bool(started and process.get("started") and started != process["started"])
 
 
-def finished(trials: list[FrozenTrial]) -> int:
-    """Trials that count toward ``n_trials``: completed, pruned, or failed because of their own config."""
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or FAILURE_ATTR in t.user_attrs for t in trials)
+def finished(trials: list[FrozenTrial], searched: Collection[str]) -> int:
+    """Trials that count toward ``n_trials``: completed, pruned, or failed because of their own config, unless that
+    config had parameters outside the search space ``searched`` (a typo of an earlier command, since corrected)."""
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (FAILURE_ATTR in t.user_attrs and set(t.params) <= set(searched))
+        for t in trials
+    )
 
 
 def claim(trial: Trial) -> Trial:
