@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from dmg.sweeps.trials import FAILURE_ATTR, requeue_abandoned
+from dmg.sweeps.trials import FAILURE_ATTR, claim_for_job, requeue_abandoned, uncached
 from tests.mlflow_server import mlflow_ui
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +213,25 @@ def test_a_job_that_dies_on_another_host_is_queued_again_once_its_heartbeat_is_s
     [output] = finish(rerun)
     assert f"trial 0 is queued again: its heartbeat stopped for more than {GRACE} s (process {job} on host-a)" in output
     trained_once_counted_once(tmp_path, storage)
+
+
+def test_a_job_that_claims_its_trial_while_a_worker_queues_it_again_keeps_it(storage, tmp_path):
+    """The trial's sweeper is dead and its job is only starting: a worker finds the trial abandoned, and before it
+    queues the trial again the job records itself on it. The re-queue is rolled back: one process trains it."""
+    study = orphan(storage, 0.123)
+    log = tmp_path / "rerun.log"
+    rerun = worker(tmp_path, storage, 1, 2, window="requeue,count:0", output=log, DMG_RACE_PARTIES="99")
+    wait_for(lambda: list((tmp_path / "race").glob("requeue.*")) or rerun.poll() is not None, "the abandoned trial")
+    [trial] = study.trials
+    assert claim_for_job(uncached(study)._storage, trial._trial_id)  # the job (this live process) starts
+    released = time.time()
+    (tmp_path / "race" / "go").touch()
+    wait_for(lambda: looked_after(tmp_path, rerun, released + 1), "a second look at the study")
+    [trial] = optuna.load_study(study_name="race", storage=storage).trials
+    assert trial.state == TrialState.RUNNING and "trial 0 is queued again" not in log.read_text(), log.read_text()
+    study.tell(trial.number, 0.5)  # the job ends; its sweeper gone, another worker would record it
+    finish(rerun)
+    assert [t.state for t in optuna.load_study(study_name="race", storage=storage).trials] == [TrialState.COMPLETE]
 
 
 def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_a_dead_trial(tmp_path):

@@ -238,8 +238,8 @@ class ResumableOptuna(OptunaSweeperImpl):
         awaited = ", ".join(f"{trial.number} ({_process_name(trial)})" for trial in running(study))
         if awaited != self.awaited:  # said once for each set of trials waited for
             log.info(
-                "study %s: waiting for trials %s; a trial is queued again if its process dies or its heartbeat stops "
-                "for %s s",
+                "study %s: waiting for trials %s; a trial is queued again once its processes (sweeper, and job if apart) "
+                "are dead or its heartbeat stops for %s s",
                 study.study_name,
                 awaited,
                 self.grace_period,
