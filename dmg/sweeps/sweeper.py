@@ -10,7 +10,8 @@ and replaces its batch loop:
   complete, waiting for trials that other live processes run;
 - a trial whose process died is queued again with the same parameters: at once when it ran on this host, after
   its heartbeat has been silent for the grace period when it ran on another; its run then continues from its
-  checkpoint (the run's config hash names the trial it stands for);
+  checkpoint (the run's config hash names the trial it stands for). A job in a process of its own (a SLURM job)
+  beats for its trial too, so that a trial whose sweeper died is left to the job while it trains (dmg/sweeps/job.py);
 - a trial that fails because of its own config or numerics (a ``UserError``, a NaN/inf objective) is recorded as
   FAIL with the reason in its ``failure`` user attribute, and the sweep goes on (it stops after
   ``max_consecutive_failures`` in a row); any other error (a store, a disk, a bug) queues the trial again and
