@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from dmg.commands import report
 from dmg.engine import checkpoints
 from dmg.errors import SetupError, UserError
-from dmg.sweeps.job import SWEEP_ENV, TrialTaken, trial_heartbeat
+from dmg.sweeps.job import SWEEP_ENV, TrialTaken, anchored, trial_heartbeat
 from dmg.sweeps.sweeper import SweepFailed, SweepStopped, describe, expand_glob
 from dmg.sweeps.trials import FAILURE_ATTR, TOKEN, requeue
 from launch import task as launch_task
@@ -271,6 +271,13 @@ def test_a_job_beats_for_its_trial_while_it_trains_and_a_failing_beat_does_not_s
     after = len(beats)
     assert caplog.text.count("could not record a heartbeat (the store is down); trying again") == 2
     assert len(beats) == after and beats == [trial._trial_id] * after  # the job ended: no beat after it
+
+
+def test_jobs_get_the_storage_of_a_relative_sqlite_path_wherever_they_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert anchored("sqlite:///optuna.db?timeout=30") == f"sqlite:///{tmp_path}/optuna.db?timeout=30"
+    assert anchored(f"sqlite:///{tmp_path}/o.db") == f"sqlite:///{tmp_path}/o.db"
+    assert anchored("postgresql://u:p@h/optuna") == "postgresql://u:p@h/optuna"
 
 
 def test_a_job_started_after_its_trial_was_queued_again_does_nothing(tmp_path, monkeypatch):

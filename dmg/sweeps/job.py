@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmg.engine.ranks import ranks_from_environment
 from dmg.errors import SetupError
-from dmg.runs.stores import mask_secrets
+from dmg.runs.stores import mask_secrets, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def sweep_environment(storage: str, heartbeat_interval: float, trial_key: str | 
     """The sweeper's side: ``SWEEP_ENV`` set, for the jobs it launches, while the block runs."""
     from dmg.sweeps.trials import TOKEN
 
-    sweep = {"storage": storage, "heartbeat_interval": heartbeat_interval, "trial_key": trial_key}
+    sweep = {"storage": anchored(storage), "heartbeat_interval": heartbeat_interval, "trial_key": trial_key}
     previous = os.environ.get(SWEEP_ENV)
     os.environ[SWEEP_ENV] = json.dumps(sweep | {"sweeper": [os.getpid(), TOKEN]})
     try:
@@ -51,6 +51,15 @@ def sweep_environment(storage: str, heartbeat_interval: float, trial_key: str | 
             os.environ.pop(SWEEP_ENV, None)
         else:
             os.environ[SWEEP_ENV] = previous
+
+
+def anchored(storage: str) -> str:
+    """``storage`` with a relative SQLite path made absolute: a job may run in another folder (hydra.job.chdir)."""
+    path = sqlite_file(storage)
+    if path is None or path.is_absolute():
+        return storage
+    _, separator, query = storage.partition("?")
+    return f"sqlite:///{path.absolute()}{separator}{query}"
 
 
 @contextmanager
