@@ -21,6 +21,7 @@ from dmg.engine.ranks import ranks_from_environment
 from dmg.engine.signals import sigterm_raises
 from dmg.errors import Terminated, UserError
 from dmg.runs.settings import check_overrides, check_settings
+from dmg.sweeps.job import trial_heartbeat
 
 log = logging.getLogger("dmg")
 
@@ -29,7 +30,8 @@ def task(cfg: DictConfig) -> float:
     """One job: check the command line against the config's defaults, then run. Bad input is one line, exit 1.
 
     The settings are checked before torch, torchvision and MLflow are imported (seconds), so that a mistake is
-    answered at once.
+    answered at once. A trial of an Optuna sweep running in a process of its own (a SLURM job) records its trial's
+    heartbeat while it trains (dmg/sweeps/job.py).
     """
     job = HydraConfig.get()
     if not ranks_from_environment().is_writer:
@@ -39,7 +41,8 @@ def task(cfg: DictConfig) -> float:
         check_settings(cfg)
         from dmg.runs.experiment import run
 
-        return run(cfg)
+        with trial_heartbeat(cfg):
+            return run(cfg)
     except UserError as error:
         if job.mode == RunMode.MULTIRUN:
             raise  # the sweeper records it; Hydra prints it on one line

@@ -2,7 +2,8 @@
 runs a one-parameter study on the dmg_optuna sweeper; a trial's objective is its ``x``.
 
 With ``stress.ledger=<file>`` each trial is a real MLflow run (found, continued or reported as a run of the project
-is: dmg.runs.tracking), held open at the ``train`` window, and its end is appended to the ledger."""
+is: dmg.runs.tracking), held open at the ``train`` window, and its end is appended to the ledger. Like launch.py's
+task, a trial's job running in a process of its own beats for its trial while it trains (dmg/sweeps/job.py)."""
 
 from pathlib import Path
 
@@ -13,6 +14,14 @@ import hydra
 def task(cfg) -> float:
     if not cfg.stress:
         return cfg.x
+    from dmg.sweeps.job import trial_heartbeat
+
+    with trial_heartbeat(cfg):
+        return train(cfg)
+
+
+def train(cfg) -> float:
+    """A trial as a real MLflow run, "trained" at the ``train`` window."""
     from dmg.runs.tracking import RunFinished, Tracker, finished_run
     from dmg.runs.windows import window
     from dmg.sweeps.callbacks import sweep_tags

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from dmg.sweeps.trials import FAILURE_ATTR, requeue_abandoned
+from dmg.sweeps.trials import FAILURE_ATTR, claim_for_job, requeue_abandoned, uncached
 from tests.mlflow_server import mlflow_ui
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,22 +34,33 @@ def storage(request, tmp_path) -> str:
 
 
 def worker(
-    tmp_path: Path, storage: str, n_trials: int, seed: int, *overrides: str, window: str = "", **env: str
+    tmp_path: Path,
+    storage: str,
+    n_trials: int,
+    seed: int,
+    *overrides: str,
+    window: str = "",
+    output: Path | None = None,
+    **env: str,
 ) -> subprocess.Popen:
-    """A sweep worker (tests/race_app.py) on ``storage``, held at ``window`` if one is given."""
+    """A sweep worker (tests/race_app.py) on ``storage``, held at ``window`` if one is given; its output goes to a
+    pipe, or to the file ``output``."""
     (tmp_path / "race").mkdir(exist_ok=True)
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race"), **env}
     environment["DMG_RACE_WINDOW"] = window
     command = [sys.executable, str(ROOT / "tests" / "race_app.py"), "-m", f"hydra.sweeper.storage='{storage}'"]
     command += [f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.sampler.seed={seed}", *overrides]
-    return subprocess.Popen(
-        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    stdout = output.open("w") if output else subprocess.PIPE
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=stdout, stderr=subprocess.STDOUT, text=True
     )
+    process.output_file = output
+    return process
 
 
 def finish(*workers: subprocess.Popen) -> list[str]:
     """Wait for the workers; their outputs. Each must exit 0: a crashed worker fails the test."""
-    outputs = [each.communicate(timeout=DEADLINE)[0] for each in workers]
+    outputs = [each.communicate(timeout=DEADLINE)[0] or each.output_file.read_text() for each in workers]
     assert [each.returncode for each in workers] == [0] * len(workers), "\n----\n".join(outputs)
     return outputs
 
@@ -125,6 +136,102 @@ def test_a_paused_host_whose_trial_was_queued_again_neither_crashes_nor_counts_i
     trials = counted(storage)
     assert len(trials) == 2 and len({t.params["x"] for t in trials}) == 2
     assert "trial 0 is queued again: its heartbeat stopped" in other_output
+
+
+GRACE = 2  # seconds (hydra.sweeper.grace_period); race_app beats every second
+
+
+def jobs_apart(tmp_path: Path) -> list[str]:
+    """Overrides of a worker whose trials are real MLflow runs, each trained by a job in a process of its own
+    (submitit's local launcher: a SLURM job's life on one machine), that outlives a killed sweeper."""
+    store = [f"+stress.ledger={tmp_path / 'ledger'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    return [*store, "hydra/launcher=submitit_local", f"hydra.sweeper.grace_period={GRACE}"]
+
+
+def kill_the_sweeper_of_a_training_job(tmp_path: Path, storage: str, **env: str) -> tuple[int, float]:
+    """A worker whose one trial's job is held training; the worker killed (-9), the job still alive: the job's pid
+    and the time of the kill."""
+    sweeper = worker(tmp_path, storage, 1, 1, *jobs_apart(tmp_path), window="train", DMG_RACE_PARTIES="99", **env)
+    wait_for(lambda: list((tmp_path / "race").glob("train.*")) or sweeper.poll() is not None, "the job's training")
+    [held] = (tmp_path / "race").glob("train.*")
+    job = int(held.name.split(".")[1])
+    assert job != sweeper.pid
+    sweeper.kill()
+    sweeper.wait()
+    killed = time.time()
+    os.kill(job, 0)  # the job trains on, as a SLURM job does when its sweeper dies
+    return job, killed
+
+
+def looked_after(tmp_path: Path, rerun: subprocess.Popen, moment: float) -> bool:
+    """Whether ``rerun`` has looked for abandoned trials after ``moment`` (it passes the ``count`` window after each
+    look: a window of 0 s, where it touches its file), or has ended."""
+    looks = (tmp_path / "race").glob(f"count.{rerun.pid}.*")
+    return any(path.stat().st_mtime > moment for path in looks) or rerun.poll() is not None
+
+
+def trained_once_counted_once(tmp_path: Path, storage: str) -> None:
+    """The study's one trial was trained to its end once, counted once (by the copy of the re-queued trial,
+    reporting the value of the MLflow run it stands for), in one MLflow run, FINISHED."""
+    trials = optuna.load_study(study_name="race", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and counted(storage) == [trials[1]]
+    x = trials[0].params["x"]
+    assert trials[1].params["x"] == x and trials[1].value == x
+    assert [float(line) for line in (tmp_path / "ledger").read_text().split()] == [x]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["value"] == x
+
+
+def test_a_trial_whose_sweeper_died_is_left_to_its_job_until_the_job_ends(storage, tmp_path):
+    """The sweeper is killed (-9) while its trial's job trains apart (a SLURM job): a rerun on the same host sees
+    the sweeper's process gone, but the job's alive and beating, and leaves the trial to it for longer than the
+    grace period; once the job ends, the rerun queues the trial again and its copy reports the job's finished
+    run. Before the job beat for itself, the rerun queued the trial at once: two writers on one run."""
+    job, killed = kill_the_sweeper_of_a_training_job(tmp_path, storage)
+    log = tmp_path / "rerun.log"
+    rerun = worker(tmp_path, storage, 1, 2, *jobs_apart(tmp_path), window="count:0", output=log)
+    wait_for(lambda: looked_after(tmp_path, rerun, killed + GRACE + 2), "a look with the sweeper long silent")
+    assert rerun.poll() is None and "trial 0 is queued again" not in log.read_text(), log.read_text()
+    assert [t.state for t in optuna.load_study(study_name="race", storage=storage).trials] == [TrialState.RUNNING]
+    (tmp_path / "race" / "go").touch()  # the job's training ends
+    [output] = finish(rerun)
+    assert output.count("trial 0 is queued again") == 1  # its job gone, or silent while its process exits
+    trained_once_counted_once(tmp_path, storage)
+
+
+def test_a_job_that_dies_on_another_host_is_queued_again_once_its_heartbeat_is_silent(storage, tmp_path):
+    """As above, the rerun on another host (no pid to check: only the heartbeat tells): it leaves the trial to the
+    job while the job beats; once the job is killed (-9) too, it queues the trial again after the grace period, and
+    the copy continues the job's MLflow run to its end."""
+    job, killed = kill_the_sweeper_of_a_training_job(tmp_path, storage, DMG_HOST_ID="host-a")
+    log = tmp_path / "rerun.log"
+    rerun = worker(tmp_path, storage, 1, 2, *jobs_apart(tmp_path), window="count:0", output=log, DMG_HOST_ID="host-b")
+    wait_for(lambda: looked_after(tmp_path, rerun, killed + GRACE + 2), "a look with the sweeper long silent")
+    assert rerun.poll() is None and "trial 0 is queued again" not in log.read_text(), log.read_text()
+    os.kill(job, signal.SIGKILL)
+    [output] = finish(rerun)
+    assert f"trial 0 is queued again: its heartbeat stopped for more than {GRACE} s (process {job} on host-a)" in output
+    trained_once_counted_once(tmp_path, storage)
+
+
+def test_a_job_that_claims_its_trial_while_a_worker_queues_it_again_keeps_it(storage, tmp_path):
+    """The trial's sweeper is dead and its job is only starting: a worker finds the trial abandoned, and before it
+    queues the trial again the job records itself on it. The re-queue is rolled back: one process trains it."""
+    study = orphan(storage, 0.123)
+    log = tmp_path / "rerun.log"
+    rerun = worker(tmp_path, storage, 1, 2, window="requeue,count:0", output=log, DMG_RACE_PARTIES="99")
+    wait_for(lambda: list((tmp_path / "race").glob("requeue.*")) or rerun.poll() is not None, "the abandoned trial")
+    [trial] = study.trials
+    assert claim_for_job(uncached(study)._storage, trial._trial_id)  # the job (this live process) starts
+    released = time.time()
+    (tmp_path / "race" / "go").touch()
+    wait_for(lambda: looked_after(tmp_path, rerun, released + 1), "a second look at the study")
+    states = [t.state for t in optuna.load_study(study_name="race", storage=storage).trials]
+    assert states == [TrialState.RUNNING] and "trial 0 is queued again" not in log.read_text(), log.read_text()
+    study.tell(trial.number, 0.5)  # the job ends; its sweeper gone, another worker would record it
+    finish(rerun)
+    assert [t.state for t in optuna.load_study(study_name="race", storage=storage).trials] == [TrialState.COMPLETE]
 
 
 def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_a_dead_trial(tmp_path):

@@ -4,16 +4,20 @@ database itself (checked with a real server's dump)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from dmg.runs.stores import install_log_masking, mask_secrets, masked
+from dmg.sweeps.job import SWEEP_ENV, trial_heartbeat
 from tests.postgres import PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +80,37 @@ def test_no_file_log_store_or_study_of_a_run_and_a_sweep_holds_the_password(post
     study = optuna.load_study(study_name="dmg-rotated_mnist-small_cnn-rot30", storage=storage)
     assert [trial.user_attrs["tracking.uri"].strip("'") for trial in study.trials] == [mask_secrets(tracking)] * 2
     assert PASSWORD not in repr([(t.user_attrs, t.system_attrs) for t in study.trials]) + repr(study.system_attrs)
+
+
+@pytest.mark.slow
+def test_a_trial_job_beating_for_itself_writes_the_storage_password_nowhere(postgres_server, monkeypatch, caplog):
+    """A trial's job apart from its sweeper (a SLURM job) gets the storage URL, password and all, from the
+    environment; its claim, its heartbeats and its warnings (a store error quoting the URL) write no password."""
+    storage = postgres_server.new_database()
+    trial = optuna.create_study(study_name="fake", storage=storage).ask()
+    sweep = {"storage": storage, "heartbeat_interval": 0.05, "trial_key": "tracking.trial", "sweeper": [0, "apart"]}
+    monkeypatch.setenv(SWEEP_ENV, json.dumps(sweep))
+    beats, record_heartbeat = [], optuna.storages.RDBStorage.record_heartbeat
+
+    def store_down_once(self, trial_id: int) -> None:
+        beats.append(trial_id)
+        if len(beats) == 2:
+            raise optuna.exceptions.StorageInternalError(f"could not connect to {storage}")
+        record_heartbeat(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", store_down_once)
+    job = OmegaConf.create({"tracking": {"trial": {"study": "fake", "number": trial.number}}})
+    with caplog.at_level(logging.INFO), trial_heartbeat(job):
+        wait_until(lambda: len(beats) >= 3)
+    assert mask_secrets(storage) in caplog.text and PASSWORD not in caplog.text
+    [trial] = optuna.load_study(study_name="fake", storage=storage).trials
+    assert "job" in trial.system_attrs and PASSWORD not in repr(trial.system_attrs)
+    assert PASSWORD not in postgres_server.dump(storage)
+
+
+def wait_until(condition, seconds: float = 60) -> None:
+    """Wait for ``condition``; the deadline catches a hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)

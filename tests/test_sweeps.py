@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -25,8 +26,9 @@ from optuna.trial import TrialState
 from dmg.commands import report
 from dmg.engine import checkpoints
 from dmg.errors import SetupError, UserError
+from dmg.sweeps.job import SWEEP_ENV, TrialTaken, anchored, trial_heartbeat
 from dmg.sweeps.sweeper import SweepFailed, SweepStopped, describe, expand_glob
-from dmg.sweeps.trials import FAILURE_ATTR
+from dmg.sweeps.trials import FAILURE_ATTR, TOKEN, requeue
 from launch import task as launch_task
 from tests.conftest import CONF_DIR
 
@@ -238,6 +240,64 @@ def test_a_worker_waits_for_trials_of_live_processes_before_ending(fake_sweep):
     results = fake_sweep(lambda number, x: x, 2)
     finisher.join()
     assert results["trials"] == {"complete": 2}  # it waited for the other worker's trial instead of ending without it
+
+
+def job_config(monkeypatch, storage: str, number: int, interval: float = 1, sweeper: tuple = (0, "elsewhere")):
+    """The config of trial ``number``'s job, in the environment its sweeper (another process by default) gave it."""
+    sweep = {"storage": storage, "heartbeat_interval": interval, "trial_key": "tracking.trial", "sweeper": sweeper}
+    monkeypatch.setenv(SWEEP_ENV, json.dumps(sweep))
+    return OmegaConf.create({"tracking": {"trial": {"study": "fake", "number": number, "origin": number}}})
+
+
+def test_a_job_beats_for_its_trial_while_it_trains_and_a_failing_beat_does_not_stop_it(tmp_path, monkeypatch, caplog):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    trial = optuna.create_study(study_name="fake", storage=storage).ask()
+    beats, record_heartbeat = [], optuna.storages.RDBStorage.record_heartbeat
+
+    def store_down_twice(self, trial_id: int) -> None:
+        beats.append(trial_id)
+        if len(beats) in (2, 3):
+            raise optuna.exceptions.StorageInternalError("the store is down")
+        record_heartbeat(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", store_down_twice)
+    with trial_heartbeat(job_config(monkeypatch, storage, trial.number, interval=0.05)):  # the job trains
+        deadline = time.monotonic() + 60
+        while len(beats) < 5:
+            assert time.monotonic() < deadline, "the heartbeat stopped"
+            time.sleep(0.01)
+        job = load_study(storage, "fake").trials[0].system_attrs["job"]
+        assert job["pid"] == os.getpid() and job["token"] == TOKEN  # the trial names its job beside its sweeper
+    after = len(beats)
+    assert caplog.text.count("could not record a heartbeat (the store is down); trying again") == 2
+    assert len(beats) == after and beats == [trial._trial_id] * after  # the job ended: no beat after it
+
+
+def test_jobs_get_the_storage_of_a_relative_sqlite_path_wherever_they_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert anchored("sqlite:///optuna.db?timeout=30") == f"sqlite:///{tmp_path}/optuna.db?timeout=30"
+    assert anchored(f"sqlite:///{tmp_path}/o.db") == f"sqlite:///{tmp_path}/o.db"
+    assert anchored("postgresql://u:p@h/optuna") == "postgresql://u:p@h/optuna"
+
+
+def test_a_job_started_after_its_trial_was_queued_again_does_nothing(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="fake", storage=storage)
+    trial = study.ask()
+    requeue(study, trial, "its sweeper died")  # while its job waited in SLURM's queue
+    trained = []
+    with pytest.raises(TrialTaken, match="trial 0 of study fake was queued again before this job started"):
+        with trial_heartbeat(job_config(monkeypatch, storage, trial.number)):
+            trained.append(True)
+    assert not trained and "job" not in load_study(storage, "fake").trials[0].system_attrs
+
+
+def test_a_job_in_its_sweepers_process_leaves_the_heartbeat_to_the_sweeper(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    trial = optuna.create_study(study_name="fake", storage=storage).ask()
+    with trial_heartbeat(job_config(monkeypatch, storage, trial.number, sweeper=(os.getpid(), TOKEN))):
+        pass
+    assert "job" not in load_study(storage, "fake").trials[0].system_attrs
 
 
 def search(tmp_path: Path, *extra: str) -> tuple[str, list[str]]:

@@ -10,7 +10,8 @@ and replaces its batch loop:
   complete, waiting for trials that other live processes run;
 - a trial whose process died is queued again with the same parameters: at once when it ran on this host, after
   its heartbeat has been silent for the grace period when it ran on another; its run then continues from its
-  checkpoint (the run's config hash names the trial it stands for);
+  checkpoint (the run's config hash names the trial it stands for). A job in a process of its own (a SLURM job)
+  beats for its trial too, so that a trial whose sweeper died is left to the job while it trains (dmg/sweeps/job.py);
 - a trial that fails because of its own config or numerics (a ``UserError``, a NaN/inf objective) is recorded as
   FAIL with the reason in its ``failure`` user attribute, and the sweep goes on (it stops after
   ``max_consecutive_failures`` in a row); any other error (a store, a disk, a bug) queues the trial again and
@@ -47,8 +48,10 @@ from optuna.trial import Trial, TrialState
 from dmg.errors import BadValue, UserError, check_count, check_number
 from dmg.runs.stores import check_store_uri, create_sqlite_atomically, install_log_masking, masked, store_lock
 from dmg.runs.windows import window
+from dmg.sweeps.job import sweep_environment
 from dmg.sweeps.trials import (
     COMPLETE,
+    JOB_ATTR,
     PROCESS_ATTR,
     RETRY,
     TAKEN,
@@ -57,8 +60,8 @@ from dmg.sweeps.trials import (
     heartbeat,
     origin,
     record,
-    requeue,
     requeue_abandoned,
+    requeue_stopped,
     running,
     uncached,
 )
@@ -135,14 +138,15 @@ class ResumableOptuna(OptunaSweeperImpl):
         self.searched = [*space, *self.conditions]
         study = self.open_study(self.searched)
         failures_in_a_row = 0
-        while finished(study.get_trials(deepcopy=False), self.searched) < self.n_trials:
-            trials = self.start_trials(study)
-            if not trials:
-                self.wait_for_others(study)
-                continue
-            returns = self.run_trials(study, trials, space, fixed)
-            outcomes = [record(study, trial, job) for trial, job in zip(trials, returns)]
-            failures_in_a_row = self.check_outcomes(study.study_name, outcomes, failures_in_a_row)
+        with sweep_environment(self.storage, self.heartbeat_interval, self.trial_key):  # for jobs that beat
+            while finished(study.get_trials(deepcopy=False), self.searched) < self.n_trials:
+                trials = self.start_trials(study)
+                if not trials:
+                    self.wait_for_others(study)
+                    continue
+                returns = self.run_trials(study, trials, space, fixed)
+                outcomes = [record(study, trial, job) for trial, job in zip(trials, returns)]
+                failures_in_a_row = self.check_outcomes(study.study_name, outcomes, failures_in_a_row)
         save_results(study, self.results_file)
 
     def check_outcomes(self, study_name: str, outcomes: list[str], failures_in_a_row: int) -> int:
@@ -164,14 +168,14 @@ class ResumableOptuna(OptunaSweeperImpl):
         return failures_in_a_row
 
     def run_trials(self, study: optuna.Study, trials: list[Trial], space: dict, fixed: dict) -> list[JobReturn]:
-        """Launch the trials' jobs with heartbeats; if this process is stopped meanwhile, queue them again."""
+        """Launch the trials' jobs, beating for them while it waits (a job in a process of its own beats too, while it
+        trains: dmg/sweeps/job.py); if this process is stopped meanwhile, queue again those no job still trains."""
         overrides = self.trial_overrides(study, trials, space, fixed)
         try:
             with heartbeat(study._storage, trials, self.heartbeat_interval):
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
         except BaseException as error:
-            for trial in trials:
-                requeue(study, trial, f"the sweep stopped ({type(error).__name__})")
+            requeue_stopped(study, trials, f"the sweep stopped ({type(error).__name__})")
             raise
         self.job_idx += len(returns)
         return returns
@@ -235,8 +239,8 @@ class ResumableOptuna(OptunaSweeperImpl):
         awaited = ", ".join(f"{trial.number} ({_process_name(trial)})" for trial in running(study))
         if awaited != self.awaited:  # said once for each set of trials waited for
             log.info(
-                "study %s: waiting for trials %s; a trial is queued again if its process dies or its heartbeat stops "
-                "for %s s",
+                "study %s: waiting for trials %s; a trial is queued again once its processes (sweeper, and job if apart) "
+                "are dead or its heartbeat stops for %s s",
                 study.study_name,
                 awaited,
                 self.grace_period,
@@ -287,7 +291,8 @@ _MISSING = object()
 
 
 def _process_name(trial) -> str:
-    process = trial.system_attrs.get(PROCESS_ATTR) or {}
+    """The process that runs ``trial``: its job's where it recorded one, else its sweeper's."""
+    process = trial.system_attrs.get(JOB_ATTR) or trial.system_attrs.get(PROCESS_ATTR) or {}
     return f"process {process.get('pid', '?')} on {process.get('host', '?')}"
 
 

@@ -4,9 +4,12 @@ A trial is FAIL for good only for reasons of its own (its config or numerics: a 
 objective); that failure counts toward ``n_trials``. Anything else (a store error, a full disk, a killed process)
 puts it back in the queue with the same parameters and never consumes the study.
 
-Every trial records the process running it (host, boot, PID namespace, pid, start time and a random token). A
-trial whose process died on this host (same boot and PID namespace) is re-queued at once; any other when its Optuna
-heartbeat has been silent for the grace period.
+Every trial records the process running it (host, boot, PID namespace, pid, start time and a random token): the
+sweeper's, and once its job starts in a process of its own (a SLURM job, say), the job's too; both record its
+Optuna heartbeat, the sweeper while it waits for the job, the job while it trains (dmg/sweeps/job.py). A trial is
+abandoned when neither is left: re-queued at once when both processes died on this host (same boot and PID
+namespace), otherwise when its heartbeat has been silent for the grace period. A sweeper that dies while its job
+trains elsewhere thus leaves the trial to the job; a job that starts after its trial was re-queued does nothing.
 
 Several workers share the study, so every way out of RUNNING (complete, fail, re-queue) is one compare-and-set
 transaction in the storage (``UPDATE ... WHERE state = RUNNING``): whichever worker gets there first wins and the
@@ -25,7 +28,7 @@ import secrets
 import socket
 import threading
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_ATTR = "failure"  # user attribute of a trial that failed because of its own config or numerics
 PROCESS_ATTR = "process"  # system attribute: the identity of the process running the trial (this_process)
+JOB_ATTR = "job"  # system attribute: the identity of the process training it, when that is not the sweeper
 HOST_ENV = "DMG_HOST_ID"  # overrides the host name in a process's identity (tests play a second host with it)
 COMPLETE, FAILED, RETRY, TAKEN = "complete", "failed", "retry", "taken"
 TOKEN = secrets.token_hex(8)  # tells this process apart from any other, whatever namespaces hide
@@ -150,14 +154,17 @@ def requeue_abandoned(study: optuna.Study, grace_period: float) -> list[int]:
 
 
 def _abandoned(trial: FrozenTrial, stale: bool, grace_period: float) -> str | None:
-    """Why ``trial`` is abandoned, or None if it may still be running."""
+    """Why ``trial`` is abandoned, or None if it may still be running: by its sweeper, or by its job."""
     process = trial.system_attrs.get(PROCESS_ATTR)
+    job = trial.system_attrs.get(JOB_ATTR)
     if stale:
-        return f"its heartbeat stopped for more than {grace_period:g} s ({_process_name(process)})"
+        return f"its heartbeat stopped for more than {grace_period:g} s ({_process_name(job or process)})"
     if process is None:  # asked but never claimed: its process died at once
         started = trial.datetime_start or datetime.now()
         return "it was never started" if (datetime.now() - started).total_seconds() > grace_period else None
-    return f"its process is gone ({_process_name(process)})" if is_dead(process) else None
+    if not is_dead(process) or (job and not is_dead(job)):
+        return None
+    return f"its process is gone ({_process_name(process)}{f', its job {_process_name(job)}' if job else ''})"
 
 
 def _process_name(process: dict | None) -> str:
@@ -171,25 +178,73 @@ def running(study: optuna.Study) -> list[FrozenTrial]:
 
 def requeue(study: optuna.Study, trial: FrozenTrial | Trial, reason: str) -> bool:
     """Mark a RUNNING trial failed without counting it, and queue its parameters again (as Optuna's retry does),
-    in one transaction; False when another worker ended or re-queued it first."""
+    in one transaction; False when another worker ended or re-queued it first, or a job claimed it since
+    ``trial`` was read (it is not abandoned then)."""
     storage = uncached(study)._storage
     copy = waiting_copy(storage.get_trial(trial._trial_id))  # its parameters are set before its job starts
+    seen_job = trial.system_attrs.get(JOB_ATTR)
 
     def queue_copy(session) -> None:
+        if _job_of(session, trial._trial_id) != seen_job:
+            raise _ClaimedMeanwhile
         window("requeue.write")  # between the FAIL and the WAITING write: one transaction, nothing is lost
         storage._create_new_trial(study._study_id, copy)
 
-    if not _leave_running(storage, trial._trial_id, TrialState.FAIL, queue_copy):
+    try:
+        if not _while_running(storage, trial._trial_id, _ended(TrialState.FAIL), queue_copy):
+            return False
+    except _ClaimedMeanwhile:
         return False
     log.warning("trial %d is queued again: %s", trial.number, reason)
     return True
+
+
+class _ClaimedMeanwhile(Exception):
+    """A job recorded itself on the trial after the trial was found abandoned: the re-queue is rolled back."""
+
+
+def _job_of(session, trial_id: int) -> dict | None:
+    """The job recorded on a trial, as this transaction sees it."""
+    row = (
+        session.query(models.TrialSystemAttributeModel.value_json)
+        .filter_by(trial_id=trial_id, key=JOB_ATTR)
+        .one_or_none()
+    )
+    return json.loads(row[0]) if row else None
+
+
+def claim_for_job(storage, trial_id: int) -> bool:
+    """Record that this process (a trial's job, started apart from its sweeper) trains the trial, if it is still
+    RUNNING, and beat once; False when it is not (it was re-queued before the job started).
+
+    The check and the record are one transaction that writes the trial's row, so that a worker re-queueing the
+    trial at the same instant either sees the job (and leaves the trial) or makes this claim fail."""
+
+    def record_job(session) -> None:
+        storage._set_trial_system_attr_without_commit(session, trial_id, JOB_ATTR, this_process())
+
+    if not _while_running(storage, trial_id, {"state": TrialState.RUNNING}, record_job):
+        return False
+    storage.record_heartbeat(trial_id)
+    return True
+
+
+def requeue_stopped(study: optuna.Study, trials: list[Trial], reason: str) -> None:
+    """The sweep stopped while ``trials`` ran: queue them again at once, except those that a job of their own still
+    trains (alive here, or on another host): those are left to their job's heartbeat, which a worker watches."""
+    for trial in trials:
+        job = trial.system_attrs.get(JOB_ATTR)
+        if job and not is_dead(job):
+            log.warning("trial %d is left to its job (%s), which still trains it", trial.number, _process_name(job))
+        else:
+            requeue(study, trial, reason)
 
 
 def waiting_copy(trial: FrozenTrial) -> FrozenTrial:
     """A WAITING trial with ``trial``'s parameters, remembering the trial it stands for (Optuna's ``failed_trial``,
     as its ``RetryFailedTrialCallback`` records it)."""
     system_attrs = {"failed_trial": origin(trial)} | {
-        key: value for key, value in trial.system_attrs.items() if key not in (PROCESS_ATTR, "failed_trial")
+        key: value for key, value in trial.system_attrs.items() if key not in (PROCESS_ATTR, JOB_ATTR, "failed_trial")
     }
     with stable_enough():
         return optuna.create_trial(
@@ -201,18 +256,23 @@ def waiting_copy(trial: FrozenTrial) -> FrozenTrial:
         )
 
 
-def _leave_running(storage, trial_id: int, state: TrialState, also=None) -> bool:
-    """Move a trial from RUNNING to ``state`` and do ``also(session)`` in the same transaction, if it is still
+def _while_running(storage, trial_id: int, values: dict, also=None) -> bool:
+    """Write ``values`` to a trial's row and do ``also(session)``, in one transaction, if the trial is still
     RUNNING; False if it is not (another worker got there first)."""
     with _create_scoped_session(storage.scoped_session) as session:
         changed = (
             session.query(models.TrialModel)
             .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
-            .update({"state": state, "datetime_complete": datetime.now()}, synchronize_session=False)
+            .update(values, synchronize_session=False)
         )
         if changed and also:
             also(session)
     return bool(changed)
+
+
+def _ended(state: TrialState) -> dict:
+    """The values that move a trial out of RUNNING to ``state``."""
+    return {"state": state, "datetime_complete": datetime.now()}
 
 
 def origin(trial: Trial | FrozenTrial) -> int:
@@ -239,7 +299,8 @@ def record(study: optuna.Study, trial: Trial, job: JobReturn) -> str:
     def store_value(session) -> None:
         session.add(models.TrialValueModel(trial_id=trial._trial_id, objective=0, value=value))
 
-    return COMPLETE if _leave_running(storage, trial._trial_id, TrialState.COMPLETE, store_value) else _taken(trial)
+    completed = _while_running(storage, trial._trial_id, _ended(TrialState.COMPLETE), store_value)
+    return COMPLETE if completed else _taken(trial)
 
 
 def fail(study: optuna.Study, trial: Trial, reason: str) -> str:
@@ -249,7 +310,7 @@ def fail(study: optuna.Study, trial: Trial, reason: str) -> str:
         value = json.dumps(mask_secrets(reason)[:1000])
         session.add(models.TrialUserAttributeModel(trial_id=trial._trial_id, key=FAILURE_ATTR, value_json=value))
 
-    if not _leave_running(storage, trial._trial_id, TrialState.FAIL, store_reason):
+    if not _while_running(storage, trial._trial_id, _ended(TrialState.FAIL), store_reason):
         return _taken(trial)
     log.warning("trial %d failed: %s", trial.number, reason)
     return FAILED
@@ -266,22 +327,28 @@ def _taken(trial: Trial) -> str:
 
 @contextmanager
 def heartbeat(storage: optuna.storages.BaseStorage, trials: list[Trial], interval: int) -> Iterator[None]:
-    """Record the trials' heartbeats every ``interval`` seconds while their jobs run."""
+    """Record the trials' heartbeats every ``interval`` seconds while this sweeper waits for their jobs."""
     if not storage.is_heartbeat_enabled():
         yield
         return
+    with beating(lambda: [storage.record_heartbeat(trial._trial_id) for trial in trials], interval):
+        yield
+
+
+@contextmanager
+def beating(beat: Callable[[], object], interval: float) -> Iterator[None]:
+    """Call ``beat`` every ``interval`` seconds, in a thread, while the block runs (and not after it)."""
     stop = threading.Event()
 
-    def beat() -> None:
+    def keep_beating() -> None:
         while not stop.is_set():
             try:
-                for trial in trials:
-                    storage.record_heartbeat(trial._trial_id)
+                beat()
             except Exception as error:  # noqa: BLE001 - a busy store must not stop the heartbeat for good
-                log.warning("could not record a heartbeat (%s); trying again", error)
+                log.warning("could not record a heartbeat (%s); trying again", mask_secrets(str(error)))
             stop.wait(interval)
 
-    thread = threading.Thread(target=beat, daemon=True, name="optuna-heartbeat")
+    thread = threading.Thread(target=keep_beating, daemon=True, name="optuna-heartbeat")
     thread.start()
     try:
         yield
