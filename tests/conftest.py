@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.mysql import mysql, mysql_server  # noqa: F401 - fixtures: a throwaway MariaDB server
 from tests.postgres import postgres, postgres_server  # noqa: F401 - fixtures: a throwaway PostgreSQL server
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -132,6 +132,10 @@ BAD_INPUT = [
     ),
     (["tracking.uri=http://127.0.0.1:9"], "tracking.uri=http://127.0.0.1:9: no MLflow server answers there"),
     (["tracking.uri=postgresql://user@localhost/db"], "the database driver is not installed"),
+    (
+        ["tracking.uri=mysql+pymysql://user@localhost/db"],
+        'installed (import of pymysql halted; None in sys.modules); for MySQL and MariaDB: pip install -e ".[mysql]"',
+    ),
 ]
 
 
@@ -139,8 +143,8 @@ BAD_INPUT = [
 def test_bad_input_is_one_line_naming_the_key_before_anything_is_written(
     tmp_path, files, overrides, message, monkeypatch
 ):
-    if "postgresql" in overrides[0]:
-        monkeypatch.setitem(sys.modules, "psycopg2", None)  # the driver missing: importing it raises ImportError
+    for driver in ("psycopg2", "pymysql") if "sql://" in overrides[0] else ():  # the driver missing: not importable
+        monkeypatch.setitem(sys.modules, driver, None)
     store = tmp_path / "store"
     settings = ["dataset.max_images=120", f"tracking.uri=sqlite:///{store}/mlflow.db", f"checkpoint_dir={store}/ckpt"]
     overrides = settings + [override.format(files=files) for override in overrides]

@@ -1,5 +1,5 @@
 """Race windows of a shared study, forced: workers are held at a named window (dmg/runs/windows.py) and released
-into it together, on SQLite and on a real PostgreSQL server. Each test fails on the code before its fix."""
+into it together, on SQLite and on real PostgreSQL and MariaDB servers. Each test fails on the code before its fix."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ DEADLINE = 300  # seconds: only a hang takes this long
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def storage(request, tmp_path) -> str:
-    """A new, empty Optuna storage: a SQLite file, or a database on a real PostgreSQL server."""
+    """A new, empty Optuna storage: a SQLite file, or a database on a real PostgreSQL or MariaDB server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/optuna.db"
-    return request.getfixturevalue("postgres")()
+    return request.getfixturevalue({"postgresql": "postgres", "mysql": "mysql"}[request.param])()
 
 
 def worker(
@@ -242,9 +242,9 @@ def test_a_dead_pid_of_another_pid_namespace_is_not_taken_for_a_dead_trial(tmp_p
     assert study.trials[0].state == TrialState.RUNNING
 
 
-def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(tmp_path):
+@pytest.mark.parametrize("storage", ["sqlite", "mysql"], indirect=True)  # a file lock, a server's named lock
+def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(storage, tmp_path):
     """An ``http://`` MLflow server gives its clients no lock: the Optuna storage's lock serves."""
-    storage = f"sqlite:///{tmp_path}/optuna.db"
     (tmp_path / "race").mkdir()
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
     environment["DMG_RACE_WINDOW"] = "parent:5"  # searched, not yet created; with the lock only one gets here at once

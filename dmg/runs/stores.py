@@ -3,12 +3,14 @@
 Several processes (single runs, job-array tasks, sweep workers) often start at the same instant on a fresh
 directory. A SQLite store is created and schema-migrated by its first user; done by two processes at once, the
 migration corrupts it. Here every process opens a SQLite store while holding an exclusive lock on a file beside it
-(``mlflow.db.lock``), so the store is created and migrated exactly once; a database server needs no lock.
+(``mlflow.db.lock``), so the store is created and migrated exactly once. On a database server the same lock is the
+server's: an advisory lock (PostgreSQL) or a named lock (MySQL, MariaDB).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -37,10 +39,17 @@ SERVER_SCHEMES = ("http", "https")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph")
 ADVISORY_LOCK_KEY = 0x646D6773  # "dmgs": the PostgreSQL advisory lock held while a store is created or migrated
+NAMED_LOCK_PREFIX = "dmgs:"  # + the database: a MySQL named lock is the whole server's, an advisory lock a database's
+NAMED_LOCK_LENGTH = 64  # MySQL's longest lock name
+NAMED_LOCK_SECONDS = 600  # holders count trials or create a schema (seconds); one this slow has hung
 MOUNTS = Path("/proc/mounts")
 # the password of any URL with credentials: scheme://user:PASSWORD@host (a literal '@' in a password is %40)
 URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@'\"]*:)([^\s@/'\"]+)(@)")
 MASK = "***"
+DRIVER_HINTS = {
+    "postgresql": 'for PostgreSQL: pip install -e ".[postgres]"',
+    "mysql": 'for MySQL and MariaDB: pip install -e ".[mysql]"',
+}
 USAGE = "a store URI such as sqlite:///mlflow.db, http://host:5000 or postgresql://user@host/db"
 SQLITE_FORM = "sqlite:///mlflow.db (three slashes before a relative path, four before an absolute one)"
 
@@ -66,10 +75,13 @@ def sqlite_file(uri: str) -> Path | None:
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Hold an exclusive lock for creating or migrating a store: a file beside a SQLite store or a ``file:`` store's
-    folder (which lets two processes create one experiment name twice), an advisory lock in a PostgreSQL server
-    (whose schema migrations race just the same); nothing for other stores."""
-    if scheme(uri) == "postgresql":
-        with _advisory_lock(uri):
+    folder (which lets two processes create one experiment name twice), an advisory lock in a PostgreSQL server or a
+    named lock in a MySQL or MariaDB server (whose schema creations race just the same); nothing for other stores.
+
+    Counting and asking for a study's trials hold it too, so it must be one lock for every process of the study."""
+    kind = scheme(uri)
+    if kind in SERVER_LOCKS:
+        with SERVER_LOCKS[kind](uri):
             yield
         return
     beside = sqlite_file(uri) or local_folder(uri)
@@ -102,6 +114,53 @@ def _advisory_lock(uri: str) -> Iterator[None]:
                 connection.execute(text("select pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _named_lock(uri: str) -> Iterator[None]:
+    """MySQL and MariaDB: the server's named lock for this database, held by one connection for the duration (the
+    server frees it when that connection ends, so a killed holder blocks no one). A wait that times out or is
+    interrupted raises a :class:`SetupError`: going on without the lock would overshoot ``n_trials``."""
+    name = named_lock_name(make_url(uri).database or "")
+    engine = _engine(uri)
+    try:
+        with engine.connect() as connection:
+            seconds = NAMED_LOCK_SECONDS
+            taken = connection.execute(text("select get_lock(:name, :seconds)"), {"name": name, "seconds": seconds})
+            taken = taken.scalar()
+            if taken != 1:
+                holder = connection.execute(text("select is_used_lock(:name)"), {"name": name}).scalar()
+                raise SetupError(_not_locked(uri, name, taken, seconds, holder))
+            try:
+                yield
+            finally:
+                connection.execute(text("select release_lock(:name)"), {"name": name})
+    finally:
+        engine.dispose()
+
+
+def named_lock_name(database: str) -> str:
+    """The name of a database's store lock: ``dmgs:<database>``, or where that is too long, a digest of it."""
+    name = f"{NAMED_LOCK_PREFIX}{database}"
+    if len(name) <= NAMED_LOCK_LENGTH:
+        return name
+    digest = hashlib.sha256(database.encode()).hexdigest()
+    return f"{NAMED_LOCK_PREFIX}{digest}"[:NAMED_LOCK_LENGTH]
+
+
+def _not_locked(uri: str, name: str, taken: int | None, seconds: float, holder: int | None) -> str:
+    """Why GET_LOCK did not take the lock: it answered 0 (it waited ``seconds`` while connection ``holder`` had the
+    lock) or NULL (the server interrupted the wait)."""
+    if taken is None:
+        why = "the server interrupted the wait (GET_LOCK returned NULL: a KILL, or the server ran out of memory)"
+    elif holder is None:
+        why = f"another connection held it for all of {seconds:g} s"
+    else:
+        why = f"connection {holder} of the server held it for all of {seconds:g} s; if it hangs, end it (KILL {holder})"
+    return f"store {shown(uri)}: cannot take the store lock {name!r}: {why}"
+
+
+SERVER_LOCKS = {"postgresql": _advisory_lock, "mysql": _named_lock}  # the database servers store_lock locks
 
 
 def _engine(uri: str, timeout: float = 10.0) -> sqlalchemy.engine.Engine:
@@ -221,10 +280,8 @@ def _check_database(uri: str, key: str, timeout: float) -> None:
     try:
         make_url(uri).get_dialect().dbapi()
     except ImportError as error:
-        raise SetupError(
-            f"{key}={shown(uri)}: the database driver is not installed ({error}); "
-            'for PostgreSQL: pip install -e ".[postgres]"'
-        ) from None
+        hint = DRIVER_HINTS.get(scheme(uri), "install the driver the URL names")
+        raise SetupError(f"{key}={shown(uri)}: the database driver is not installed ({error}); {hint}") from None
     except Exception as error:  # noqa: BLE001 - sqlalchemy raises several types for a malformed URL
         raise SetupError(f"{key}={shown(uri)}: not a usable database URL ({error}); expected {USAGE}") from None
     engine = _engine(uri, timeout)

@@ -27,14 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from dmg.engine import signals
 from dmg.errors import UserError
 from dmg.runs.settings import check_overrides, check_settings
-from dmg.runs.stores import install_log_masking, mask_secrets, mlflow_client, scheme, store_lock
+from dmg.runs.stores import SERVER_LOCKS, install_log_masking, mask_secrets, mlflow_client, scheme, store_lock
 from dmg.runs.windows import window
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "DMG_MLFLOW_PARENT_RUN"
 PARENT_TAG = "mlflow.parentRunId"
-LOCKABLE = ("sqlite", "postgresql", "file")  # stores that dmg.runs.stores.store_lock locks
+LOCKABLE = ("sqlite", "file", *SERVER_LOCKS)  # stores that dmg.runs.stores.store_lock locks (+ postgresql, mysql)
 
 
 class MaskSecrets(Callback):
@@ -168,8 +168,9 @@ class SweepParentRun(Callback):
             return self.client.create_run(experiment, run_name=f"sweep-{self.study}", tags=tags).info.run_id
 
     def lock(self):
-        """The lock under which workers look for the parent run: the MLflow store's (SQLite, PostgreSQL, ``file:``),
-        or where it has none (an ``http://`` server), the Optuna storage's, which every worker of the study shares."""
+        """The lock under which workers look for the parent run: the MLflow store's (SQLite, PostgreSQL, MySQL,
+        ``file:``), or where it has none (an ``http://`` server), the Optuna storage's, which every worker of the
+        study shares."""
         uri = self.tracking_uri if scheme(self.tracking_uri) in LOCKABLE or not self.storage else self.storage
         return store_lock(uri)
 
