@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -114,3 +115,22 @@ def wait_until(condition, seconds: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "never happened"
         time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_password_given_by_pgpassword_reaches_no_file_of_a_sweep_of_separate_jobs(postgres_server, tmp_path):
+    """docs/sweeps.md's way to keep the password out of submitit's job pickles: URLs without it, ``PGPASSWORD``."""
+    storage, tracking = postgres_server.new_database(), postgres_server.new_database()
+    storage, tracking = (url.replace(f":{PASSWORD}@", "@") for url in (storage, tracking))
+    assert PASSWORD not in storage + tracking
+    sweep = [sys.executable, str(ROOT / "launch.py"), "-m", "+sweep=dmg_search", "hydra.sweeper.n_trials=1", *TINY]
+    sweep += ["hydra/launcher=submitit_local", f"hydra.sweeper.storage='{storage}'", f"tracking.uri='{tracking}'"]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PGPASSWORD": PASSWORD}
+    done = subprocess.run(sweep, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(tmp_path.rglob("*_submitted.pkl"))  # the jobs ran apart from the sweeper, pickled
+    assert files_holding(tmp_path, PASSWORD) == []
+    study = optuna.load_study(
+        study_name="dmg-rotated_mnist-small_cnn-rot30", storage=storage.replace("@", f":{PASSWORD}@", 1)
+    )
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE]
