@@ -55,7 +55,8 @@ def task(cfg: DictConfig) -> float:
 
 
 def answer_if_in_progress(cfg: DictConfig) -> None:
-    """Stop with one line if a live process holds the run of this config, before torch is imported (seconds).
+    """Stop with one line if a live process holds the run of this config, before the experiment's modules (data,
+    models, torchvision: seconds on a busy machine) are imported, and long before its data and model are built.
 
     One process only: under torchrun or srun, rank 0 checks for every rank once their process group is up (the
     same check, in ``dmg.runs.experiment``), so that no rank is left waiting for the others.
