@@ -15,7 +15,10 @@ class UserError(CompactHydraException):
     """Bad input (config value, domain name, file): the message says what was expected.
 
     In a sweep, a trial that ends with a ``UserError`` failed because of its own config or numerics.
+    ``run_id`` names the MLflow run the error ended; None when it came before a run was started or continued.
     """
+
+    run_id: str | None = None
 
 
 class BadValue(UserError):

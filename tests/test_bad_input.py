@@ -192,6 +192,32 @@ def test_the_command_line_prints_one_line_exits_1_and_writes_nothing(tmp_path, o
     assert not [path.name for path in tmp_path.iterdir() if path.name not in ("outputs", "multirun")]
 
 
+def refused_after_hydra_made_its_folder(tmp_path: Path, *overrides: str) -> str:
+    """``launch.py`` on a DomainBed-style folder whose domains are ``a`` and ``b`` (no images), asked for target
+    ``c``: refused when the data is read, after Hydra made the run's output folder. Returns the one line."""
+    for domain in ("a", "b"):
+        (tmp_path / "data" / domain / "cat").mkdir(parents=True, exist_ok=True)
+    settings = ["dataset=imagefolder", f"dataset.root={tmp_path / 'data'}", "dataset.num_classes=2", "target=c"]
+    command = [sys.executable, str(ROOT / "launch.py"), *settings, "progress=false", *overrides]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return only_error_line(result)
+
+
+def test_a_single_run_refused_after_hydra_made_its_folder_removes_it(tmp_path):
+    line = refused_after_hydra_made_its_folder(tmp_path)
+    assert line.endswith("error: unknown domain 'c': this dataset's domains are a, b")
+    assert not list((tmp_path / "outputs").iterdir())  # neither outputs/<date>/<time>/ nor the date folder
+    refused_after_hydra_made_its_folder(tmp_path, "hydra.run.dir=run")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "outputs"]  # the working directory stays
+
+
+def test_a_refused_runs_folder_holding_anything_else_is_kept(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    refused_after_hydra_made_its_folder(tmp_path, "hydra.run.dir=run")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".hydra", "launch.log", "notes.txt"]
+
+
 @pytest.mark.slow
 def test_a_bad_job_of_a_leave_one_out_sweep_prints_one_line_and_the_others_finish(tmp_path):
     result = launch(tmp_path, "-m", "+sweep=leave_one_out", "target=rot99,rot0", "seed=0", "epochs=1")

@@ -4,6 +4,7 @@ exactly one FINISHED run per config with one metric row per epoch, equal to an u
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sqlite3
@@ -25,12 +26,23 @@ TINY = ["dataset.max_images=300", "backbone.network.width=4", "progress=false"]
 pytestmark = pytest.mark.slow
 
 
-def launch(folder: Path, *overrides: str, script: tuple[str, ...] = ("launch.py",)) -> subprocess.Popen:
+def launch(
+    folder: Path, *overrides: str, script: tuple[str, ...] = ("launch.py",), env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python launch.py`` as a user starts it in ``folder``: default store and checkpoints land there."""
     flags = [option for option in overrides if option.startswith("-")]  # -m goes before the overrides
     settings = [option for option in overrides if not option.startswith("-")]
     command = [sys.executable, str(ROOT / script[0]), *script[1:], *flags, *TINY, *settings]
-    return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    environment = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+    )
+
+
+def race_window(folder: Path, window: str) -> dict[str, str]:
+    """The environment that forces the race window ``window`` (dmg/runs/windows.py), its arrivals in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    return {"DMG_RACE_WINDOW": window, "DMG_RACE_DIR": str(folder)}
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -137,17 +149,46 @@ def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(
 
 def test_a_second_process_for_a_live_run_stops_with_one_line_naming_the_holder(tmp_path, store_template):
     shutil.copy(store_template, tmp_path / "mlflow.db")
-    first = launch(tmp_path, "epochs=40")
+    shared = "hydra.run.dir=out"  # one output folder, as for two runs started in the same second
+    first = launch(tmp_path, "epochs=40", shared)
     wait_for(lambda: list((tmp_path / "checkpoints").glob("*/last.pt")), what="the first checkpoint")
     first.send_signal(signal.SIGSTOP)  # alive and holding the run, however fast this machine trains
-    code, output = finish(launch(tmp_path, "epochs=40"))
+    race = tmp_path / "race"  # the window after the data is built, open (0 s): a process that gets there leaves a file
+    timed = {"PYTHONPROFILEIMPORTTIME": "1"}  # every import, on a line of its own
+    code, output = finish(launch(tmp_path, "epochs=40", shared, env=race_window(race, "in_progress:0") | timed))
+    first.kill()
+    first.wait()
+    imported = {line.split("|")[-1].strip() for line in output.splitlines() if line.startswith("import time:")}
+    said = [line for line in output.splitlines() if not line.startswith("import time:")]
+    errors = [line for line in said if "error" in line.lower()]
+    assert code == 1 and len(errors) == 1, "\n".join(said)
+    assert "mlflow" in imported and not {"torchvision", "dmg.runs.experiment"} & imported  # before the heavy part
+    assert f"is in progress (process {first.pid} on host" in errors[0] and "resume=never" in errors[0]
+    assert not list(race.iterdir())  # refused before building the data and the model
+    assert "starting run" in (tmp_path / "out" / "launch.log").read_text()  # the live run's folder is kept
+    _, runs = runs_in(tmp_path)
+    assert len(runs) == 1  # no duplicate run was started
+
+
+def test_a_process_that_found_the_run_free_before_building_its_data_is_still_refused_when_taken(
+    tmp_path, store_template
+):
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    race = tmp_path / "race"
+    late = launch(tmp_path, "epochs=40", "hydra.run.dir=outputs/late/run", env=race_window(race, "in_progress"))
+    wait_for(lambda: list(race.glob("in_progress.*")), what="the late process to build its data")  # waits there
+    first = launch(tmp_path, "epochs=40", "hydra.run.dir=outputs/first/run")  # takes the run meanwhile
+    wait_for(lambda: list((tmp_path / "checkpoints").glob("*/last.pt")), what="the first checkpoint")
+    first.send_signal(signal.SIGSTOP)
+    (race / "go").touch()
+    code, output = finish(late)
     first.kill()
     first.wait()
     errors = [line for line in output.splitlines() if "error" in line.lower()]
-    assert code == 1 and len(errors) == 1, output
-    assert f"is in progress (process {first.pid} on host" in errors[0] and "resume=never" in errors[0]
+    assert code == 1 and len(errors) == 1 and f"is in progress (process {first.pid} on host" in errors[0], output
+    assert [path.name for path in (tmp_path / "outputs").iterdir()] == ["first"]  # the refused run's folder is gone
     _, runs = runs_in(tmp_path)
-    assert len(runs) == 1  # no duplicate run was started
+    assert len(runs) == 1
 
 
 def study_trials(folder: Path, name: str) -> list:

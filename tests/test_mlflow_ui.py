@@ -154,6 +154,51 @@ def test_the_readmes_clicks_from_the_home_page_reach_the_runs_table_on_a_first_v
     expect_runs_table(fresh_page, run_name)
 
 
+SUMMARY_PREFIXES = ("averaged", "last", "online", "selected")  # the run's summary, logged once (dmg/runs/summary.py)
+CURVES_SEARCH = "^(lr|mask|test|train|val)/"  # README.md: what to type in "Search metric charts" for the curves alone
+SECTION_HEADER = "experiment-view-compare-runs-section-header"
+
+
+def chart_sections(page) -> list[str]:
+    """The names of the chart sections on ``page``, top to bottom, once they are drawn."""
+    headers = page.get_by_test_id(SECTION_HEADER)
+    headers.first.wait_for(state="visible")
+    return [text.splitlines()[0].strip() for text in headers.all_inner_texts()]
+
+
+def metric_sections(run: dict) -> list[str]:
+    """The sections of a run's metrics (a run as MLflow's API gives it) in alphabetical order: one per key without
+    its last part (``val/acc`` holds ``val/acc/rot0``)."""
+    keys = [metric["key"] for metric in run["data"]["metrics"]]
+    return sorted({key.rpartition("/")[0] for key in keys if "/" in key})
+
+
+@pytest.mark.slow
+def test_chart_sections_are_in_alphabetical_order_with_the_summaries_among_the_curves(one_run_ui, fresh_page):
+    """What README.md says of the chart view: MLflow 3.16 sorts its sections by name, so the summaries (``last/``,
+    ``selected/``, ...) are among the per-epoch curves (``lr/``, ``mask/``, ``test/``, ``train/``, ``val/``) and the
+    first section is a summary's; the README's search shows the curves alone."""
+    from playwright.sync_api import expect
+
+    experiment_id, _ = only_run(one_run_ui)
+    (run,) = api(one_run_ui, "runs/search", {"experiment_ids": [experiment_id]})["runs"]
+    expected = metric_sections(run)
+    views = {
+        "a run's Model metrics tab": f"#/experiments/{experiment_id}/runs/{run['info']['run_id']}/model-metrics",
+        "the experiment's chart view": f"#/experiments/{experiment_id}/runs?compareRunsMode=CHART",
+    }
+    for view, route in views.items():
+        fresh_page.goto(f"{one_run_ui}/{route}")
+        sections = chart_sections(fresh_page)
+        assert sections[: len(expected)] == expected, view
+        assert set(sections[len(expected) :]) <= {"Model metrics", "System metrics"}, view  # MLflow's own, last
+        assert sections[0].split("/")[0] in SUMMARY_PREFIXES, view
+        fresh_page.get_by_placeholder("Search metric charts").fill(CURVES_SEARCH)
+        curves = [name for name in expected if name.split("/")[0] not in SUMMARY_PREFIXES]
+        expect(fresh_page.get_by_test_id(SECTION_HEADER)).to_have_count(len(curves))
+        assert chart_sections(fresh_page) == curves, view
+
+
 # ---- the pictures in the docs -------------------------------------------------------------------------------------
 
 # quick runs (the pictures in the docs are of these too): 3 epochs of single runs, 1 epoch per trial

@@ -15,10 +15,11 @@ import torch
 from dmg.commands.report import setting
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.loop import train_epoch
-from dmg.errors import NonFiniteLossError
+from dmg.errors import NonFiniteLossError, RunInProgress
 from dmg.methods.aggregate import Aggregate
 from dmg.runs import experiment
 from dmg.runs.experiment import run
+from dmg.runs.tracking import RunLock
 from tests.test_run import epoch_metrics, only_run, run_interrupted_after_epoch
 from tests.test_training_step import batch, loader_of, small_method
 
@@ -153,3 +154,21 @@ def test_a_run_that_ends_before_its_first_checkpoint_leaves_no_folder(quick_conf
     _, runs = only_run(tmp_path)
     assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]
     assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [".locks"]  # no lock-only run folders
+
+
+def test_a_run_held_by_a_live_process_is_refused_before_the_data_is_built(quick_config, tmp_path, monkeypatch):
+    cfg = quick_config("epochs=2", "method=aggregate")
+    run_interrupted_after_epoch(cfg, 1, monkeypatch)
+    _, (interrupted,) = only_run(tmp_path)
+    holder = RunLock(tmp_path / "checkpoints" / interrupted.info.run_id)
+    assert holder.acquire()  # as a live process running it holds it
+    built = []
+    monkeypatch.setattr(experiment, "build", lambda *args, **kwargs: built.append(args) or pytest.fail("built"))
+    with pytest.raises(RunInProgress, match=f"run {interrupted.info.run_id} of this config is in progress"):
+        run(cfg)
+    assert not built
+    holder.release()
+    monkeypatch.undo()
+    run(cfg)  # free again: continued and finished
+    _, (finished,) = only_run(tmp_path)
+    assert finished.info.status == "FINISHED"

@@ -70,9 +70,11 @@ def run_on_device(cfg: DictConfig, device: torch.device, ranks: Ranks) -> float:
     if finished:
         return report_finished(*finished)
     window("skip_finished")  # checked, not yet locked: Tracker.start checks again under the config's lock
+    distributed.on_writer(lambda: Tracker.check_not_in_progress(cfg, Path(cfg.checkpoint_dir)))  # before the data
     dataset = build(cfg.dataset.builder, "dataset.builder")
     sources, targets = choose_domains(dataset.domains, cfg.target, cfg.sources)
     splits = dataset.build(sources, targets)  # checks the data before any weights are fetched
+    window("in_progress")  # data built, no live process held the run: Tracker.start checks again under the lock
     check_last_batch(len(splits.train), cfg, ranks)
     torch.manual_seed(cfg.seed)  # initial weights and masks
     method = build_method(cfg, sources).to(device)
@@ -179,6 +181,8 @@ def train_and_track(
             finish_run(tracker, method, checkpoints.files, summary, history, splits.sources, cfg.keep_checkpoints)
     except BaseException as error:
         end_interrupted(tracker, error)
+        if isinstance(error, UserError):
+            error.run_id = tracker.run_id  # the run records it: the process's log is kept
         raise
     finally:
         tracker.release()

@@ -146,8 +146,7 @@ class Tracker:
         digest = config_hash(cfg)
         tags = {**tags, "config_hash": digest, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         tags = {key: mask_secrets(value) for key, value in tags.items()}
-        trial = cfg.tracking.get("trial") or {}
-        retried = trial.get("origin", trial.get("number")) != trial.get("number")
+        retried = _retried(cfg)
         with config_lock(checkpoint_root, digest):
             if cfg.resume == "skip_finished":  # checked again under the lock: another process may have finished it
                 for done in _runs_of_config(client, experiment, digest, finished=True, limit=1):
@@ -179,7 +178,7 @@ class Tracker:
         """
         for run in _runs_of_config(client, experiment, digest, finished=False):
             lock = RunLock(checkpoint_root / run.info.run_id)
-            if not (lock.directory.exists() or _ran_here(run) or run.info.status in ENDED or retried):
+            if not _may_take(run, lock, retried):
                 log.warning(
                     "run %s of this config is %s on host %s: leaving it alone",
                     run.info.run_id,
@@ -188,16 +187,41 @@ class Tracker:
                 )
                 continue
             if not lock.acquire():
-                raise RunInProgress(
-                    f"run {run.info.run_id} of this config is in progress ({lock.holder()}): wait for it to end, "
-                    "or pass resume=never to start a separate run"
-                )
+                raise _in_progress(run, lock)
             if client.get_run(run.info.run_id).info.status == "FINISHED":  # finished while we looked
                 lock.release()
                 raise RunFinished(client.get_run(run.info.run_id))
             client.update_run(run.info.run_id, status="RUNNING")
             return cls(client, run.info.run_id, lock, resumed=True)
         return None
+
+    @staticmethod
+    def check_not_in_progress(cfg: DictConfig, checkpoint_root: Path) -> None:
+        """Raise :class:`RunInProgress` if a live process holds the unfinished run of this config that :meth:`start`
+        would continue: the answer in seconds, before the data and the model are built. Writes nothing.
+
+        Only a fast answer: :meth:`start` checks again, under the config's lock, when it takes the run (a process
+        may take or free it in between).
+        """
+        if cfg.resume == "never":  # starts a run of its own
+            return
+        digest = config_hash(cfg)
+        locked = config_lock(checkpoint_root, digest)
+        if not locked.path.exists():  # no run of this config was ever started with this checkpoint_dir
+            return
+        client = mlflow_client(cfg.tracking.uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            return
+        if cfg.resume == "skip_finished" and _runs_of_config(client, experiment.experiment_id, digest, True, 1):
+            return  # its result is the answer
+        with locked:  # a probe outside it could make a process taking the run over find its lock taken
+            for run in _runs_of_config(client, experiment.experiment_id, digest, finished=False):
+                lock = RunLock(checkpoint_root / run.info.run_id)
+                if _may_take(run, lock, _retried(cfg)):
+                    if lock.held():
+                        raise _in_progress(run, lock)
+                    return
 
     @property
     def directory(self) -> Path:
@@ -282,6 +306,24 @@ def held_metrics(client: MlflowClient, run_id: str) -> dict[str, dict[int, float
     return held
 
 
+def _retried(cfg: DictConfig) -> bool:
+    """Whether this is a sweep trial queued again after its previous attempt's process was found dead."""
+    trial = cfg.tracking.get("trial") or {}
+    return trial.get("origin", trial.get("number")) != trial.get("number")
+
+
+def _may_take(run: Run, lock: RunLock, retried: bool) -> bool:
+    """Whether this process may continue the unfinished ``run``: not while it may be alive on another host."""
+    return lock.directory.exists() or _ran_here(run) or run.info.status in ENDED or retried
+
+
+def _in_progress(run: Run, lock: RunLock) -> RunInProgress:
+    return RunInProgress(
+        f"run {run.info.run_id} of this config is in progress ({lock.holder()}): wait for it to end, "
+        "or pass resume=never to start a separate run"
+    )
+
+
 def _ran_here(run: Run) -> bool:
     return run.data.tags.get(HOST_TAG, socket.gethostname()) == socket.gethostname()
 
@@ -309,6 +351,20 @@ class RunLock:
         file.flush()
         self._file = file
         return True
+
+    def held(self) -> bool:
+        """Whether a live process holds the lock now. A probe: it takes the lock for an instant when it is free,
+        so call it under the config's lock, as every taker of a run's lock does."""
+        try:
+            file = open(self.directory / "lock")
+        except FileNotFoundError:
+            return False
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
 
     def holder(self) -> str:
         try:
