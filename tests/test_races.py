@@ -257,6 +257,20 @@ def test_workers_on_a_store_without_a_lock_of_its_own_share_one_parent_run(stora
         assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 1
 
 
+def test_runs_recording_one_dataset_at_the_same_instant_both_record_it(postgres, tmp_path):
+    """MLflow looks for an experiment's dataset row, then inserts it: two runs starting together both insert, and
+    the second breaks the row's unique key (seen with four runs on a fresh SQLite store). It is tried again."""
+    tracking = postgres()
+    (tmp_path / "race").mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DMG_RACE_DIR": str(tmp_path / "race")}
+    environment["DMG_RACE_WINDOW"] = "dataset.insert"  # both looked for the row and found none
+    command = [sys.executable, str(ROOT / "tests" / "dataset_worker.py"), tracking]
+    outputs = finish(*[subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)])
+    client = MlflowClient(tracking)
+    inputs = [client.get_run(output.split()[-1]).inputs.dataset_inputs for output in outputs]
+    assert [[each.dataset.digest for each in recorded] for recorded in inputs] == [["713a2a83"]] * 2
+
+
 def test_processes_creating_an_experiment_on_a_file_store_create_one(tmp_path, monkeypatch):
     """A ``file:`` store accepts a second experiment of one name: it is searched and created under a lock."""
     tracking = f"file:{tmp_path}/mlruns"

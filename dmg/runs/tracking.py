@@ -37,6 +37,8 @@ BOOKKEEPING_KEYS = (
 )  # fmt: skip
 HOST_TAG, PID_TAG = "dmg.host", "dmg.pid"
 ENDED = ("KILLED", "FAILED")
+# a unique key broken by a concurrent insert, as SQLite, PostgreSQL and MySQL word it
+DUPLICATE_KEY = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry", re.IGNORECASE)
 # Settings added after runs were first recorded, with the value that reproduces the older behaviour: at that value
 # they are left out of the hash, so a run started before they existed is still found and continued.
 # Add every new setting here (tests/test_configs.py pins the hashes of a few configs).
@@ -164,7 +166,7 @@ class Tracker:
         logged = client.get_run(tracker.run_id) if tracker.resumed else None  # what a killed attempt got to log
         tracker.log_config(cfg, known=logged.data.params if logged else {}, curated=curated or {})
         if dataset and not (logged and logged.inputs.dataset_inputs):
-            client.log_inputs(tracker.run_id, datasets=[dataset])
+            log_dataset(client, tracker.run_id, dataset)
         return tracker
 
     @classmethod
@@ -304,6 +306,18 @@ def held_metrics(client: MlflowClient, run_id: str) -> dict[str, dict[int, float
         for metric in history:
             held.setdefault(key, {}).setdefault(metric.step, metric.value)
     return held
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
+    """Record the run's dataset (MLflow's Dataset column). MLflow looks for the experiment's row of the dataset, then
+    inserts it if missing: two runs of one experiment starting at the same instant can both miss it, and the second
+    insert breaks the row's unique key. Tried again, the row is found."""
+    try:
+        client.log_inputs(run_id, datasets=[dataset])
+    except MlflowException as error:
+        if not DUPLICATE_KEY.search(str(error)):
+            raise
+        client.log_inputs(run_id, datasets=[dataset])
 
 
 def _retried(cfg: DictConfig) -> bool:
