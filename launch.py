@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dmg.engine.ranks import ranks_from_environment
-from dmg.engine.signals import sigterm_raises
+from dmg.engine.signals import reraise_stop, sigterm_raises
 from dmg.errors import Terminated, UserError
 from dmg.runs.output_folder import remove_output_folder, share_output_folder
 from dmg.runs.settings import check_overrides, check_settings
@@ -53,6 +53,9 @@ def task(cfg: DictConfig) -> float:
         if error.run_id is None:  # refused before any run started: nothing to keep
             remove_output_folder(job)
         sys.exit(1)
+    except Exception as error:
+        reraise_stop(error)
+        raise
 
 
 def answer_if_in_progress(cfg: DictConfig) -> None:

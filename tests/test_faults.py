@@ -18,6 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from dmg.engine import signals
+from dmg.engine.signals import reraise_stop, sigterm_raises
+from dmg.errors import Terminated
 from dmg.runs.experiment import run
 from tests.conftest import compose_config
 
@@ -124,6 +127,24 @@ def test_kill_9_anywhere_then_rerun_gives_one_finished_run_equal_to_an_uninterru
         assert history(client, runs[0].info.run_id, key) == expected, key  # one row per step, same values
     assert not (tmp_path / "checkpoints" / runs[0].info.run_id).exists()  # the local state is gone when finished
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_sigterm_that_surfaces_wrapped_in_another_error_is_still_a_stop(monkeypatch):
+    """torchrun stops the other ranks with SIGTERM when one fails; one rank got it while importing matplotlib, where
+    Python 3.11 wraps the handler's exception in a RuntimeError (``__set_name__``), and the stop passed for a crash
+    (a traceback instead of the refused rank's line). launch.py's task raises the stop it stands for."""
+    monkeypatch.setattr(signals, "_received", [])  # this process's record of signals, fresh and thrown away after
+
+    class StopsWhenNamed:
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts it at once
+
+    with pytest.raises(Terminated), sigterm_raises():
+        try:
+            type("Owner", (), {"attribute": StopsWhenNamed()})
+        except Exception as error:  # RuntimeError on Python 3.11; 3.12 lets Terminated through unwrapped
+            reraise_stop(error)
 
 
 def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(tmp_path, store_template):

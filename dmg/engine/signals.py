@@ -27,6 +27,15 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def reraise_stop(error: BaseException) -> None:
+    """Raise the stop (:class:`Terminated` or ``KeyboardInterrupt``) that ``error`` stands for, if a signal asked
+    this process to stop: a signal handler's exception can surface wrapped in another (Python 3.11 turns one raised
+    during ``__set_name__``, say in an import, into a RuntimeError), and a stop must not pass for a crash."""
+    if _received:
+        stop = KeyboardInterrupt() if _received[-1] == signal.SIGINT else Terminated("received signal SIGTERM")
+        raise stop from error
+
+
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within this block SIGTERM raises :class:`Terminated` in the main thread, so runs end KILLED, not RUNNING.

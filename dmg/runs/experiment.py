@@ -21,7 +21,7 @@ from dmg.data import DomainSplits, choose_domains
 from dmg.data.decode import EncodedBatchDecoder
 from dmg.data.loading import OnDevice, PartBatches, concatenate, make_loader
 from dmg.data.sampling import BATCH_SAMPLERS
-from dmg.engine import distributed
+from dmg.engine import distributed, signals
 from dmg.engine.averaging import NoAveraging
 from dmg.engine.checkpoints import Checkpointer
 from dmg.engine.compute import Compute, configure_determinism, is_convolutional, resolve_precision
@@ -223,7 +223,7 @@ def start_tracker(cfg: DictConfig, tags: dict[str, str], splits: DomainSplits, c
 
 def end_interrupted(tracker: Tracker, error: BaseException) -> None:
     """Mark the run KILLED (Ctrl-C, SIGTERM, a scheduler's exit) or FAILED, without hiding ``error``."""
-    stopped = isinstance(error, (KeyboardInterrupt, Terminated, SystemExit))
+    stopped = isinstance(error, (KeyboardInterrupt, Terminated, SystemExit)) or signals.stop_requested()
     try:
         tracker.finish("KILLED" if stopped else "FAILED")
     except Exception as problem:  # noqa: BLE001 - the store may be what failed; the original error matters
