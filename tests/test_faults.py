@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from dmg.engine import signals
 from dmg.engine.signals import reraise_stop, sigterm_raises
 from dmg.errors import Terminated
-from dmg.runs.experiment import run
+from dmg.runs.experiment import end_interrupted, run
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,25 @@ def test_a_sigterm_that_surfaces_wrapped_in_another_error_is_still_a_stop(monkey
             type("Owner", (), {"attribute": StopsWhenNamed()})
         except Exception as error:  # RuntimeError on Python 3.11; 3.12 lets Terminated through unwrapped
             reraise_stop(error)
+
+
+def test_a_signal_while_a_failed_run_is_marked_does_not_cut_the_marking_short(monkeypatch):
+    """torchrun's SIGTERM reached a rank while it marked its run FAILED (its peer had died, its connection with it):
+    the signal's exception cut the marking short and the run stayed RUNNING."""
+    monkeypatch.setattr(signals, "_received", [])
+    marked = []
+
+    class Tracker:  # what end_interrupted asks of dmg.runs.tracking.Tracker
+        run_id = "run"
+
+        def finish(self, status: str) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, at once
+            marked.append(status)
+
+    with sigterm_raises():
+        end_interrupted(Tracker(), RuntimeError("connection closed by peer"))
+    assert marked == ["FAILED"] and signals.stop_requested()
 
 
 def test_sigterm_marks_the_run_killed_and_exits_promptly_then_the_rerun_resumes(tmp_path, store_template):

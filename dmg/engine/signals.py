@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dmg.errors import Terminated
 
 _received: list[int] = []
+_ending: list[bool] = []  # non-empty inside not_interrupted()
 
 
 def stop_requested() -> bool:
@@ -19,12 +20,27 @@ def stop_requested() -> bool:
 
 def _raise_terminated(signum, frame) -> None:
     _received.append(signum)
-    raise Terminated(f"received signal {signal.Signals(signum).name}")
+    if not _ending:
+        raise Terminated(f"received signal {signal.Signals(signum).name}")
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     _received.append(signum)
-    raise KeyboardInterrupt
+    if not _ending:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def not_interrupted() -> Iterator[None]:
+    """Run the block to its end even if SIGTERM or Ctrl-C arrives meanwhile: the signal is recorded
+    (:func:`stop_requested`, :func:`reraise_stop`) but raises nothing. For the bookkeeping of a process already on its
+    way out with an error (marking its run ended), which a signal must not cut short: torchrun sends SIGTERM to the
+    other ranks just as they fail on a dead rank's connection."""
+    _ending.append(True)
+    try:
+        yield
+    finally:
+        _ending.pop()
 
 
 def reraise_stop(error: BaseException) -> None:

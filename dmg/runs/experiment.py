@@ -222,10 +222,12 @@ def start_tracker(cfg: DictConfig, tags: dict[str, str], splits: DomainSplits, c
 
 
 def end_interrupted(tracker: Tracker, error: BaseException) -> None:
-    """Mark the run KILLED (Ctrl-C, SIGTERM, a scheduler's exit) or FAILED, without hiding ``error``."""
+    """Mark the run KILLED (Ctrl-C, SIGTERM, a scheduler's exit) or FAILED, without hiding ``error``; a signal that
+    arrives meanwhile does not cut the marking short (launch.py then raises the stop)."""
     stopped = isinstance(error, (KeyboardInterrupt, Terminated, SystemExit)) or signals.stop_requested()
     try:
-        tracker.finish("KILLED" if stopped else "FAILED")
+        with signals.not_interrupted():
+            tracker.finish("KILLED" if stopped else "FAILED")
     except Exception as problem:  # noqa: BLE001 - the store may be what failed; the original error matters
         log.warning("could not mark run %s as ended: %s", tracker.run_id, problem)
     if stopped:
