@@ -15,12 +15,13 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import throwaway
 
 PASSWORD = f"pw-{secrets.token_hex(8)}"
 STARTUP_SECONDS = 120  # only a broken install takes this long
@@ -98,17 +99,8 @@ class Server:
 @pytest.fixture(scope="module")
 def mysql_server() -> Iterator[Server]:
     """A running server; skipped where none can start, except under CI, where that fails the test."""
-    folder = Path(tempfile.mkdtemp(prefix="dmg-my-"))
-    try:
-        server = Server(folder)
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
-        shutil.rmtree(folder, ignore_errors=True)
-        detail = getattr(error, "stderr", "") or error
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no MariaDB server could be started: {detail}")
-        pytest.skip(f"no MariaDB server could be started here: {detail}")
-    yield server
-    server.stop()
+    errors = (OSError, RuntimeError, ImportError, subprocess.SubprocessError)
+    yield from throwaway(Server, "MariaDB", "dmg-my-", errors)
 
 
 @pytest.fixture(scope="module")

@@ -79,20 +79,26 @@ class Server:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[Server]:
-    """A running server; skipped where none can start, except under CI, where that fails the test."""
-    folder = Path(tempfile.mkdtemp(prefix="dmg-pg-"))
+def throwaway(start, name: str, prefix: str, errors: tuple[type[BaseException], ...]) -> Iterator:
+    """A server built by ``start(folder)`` in a new temporary folder, stopped after; skipped where none can start,
+    except under CI, where that fails the test. ``errors``: what a failed start raises."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        server = Server(folder)
-    except (OSError, RuntimeError, subprocess.SubprocessError, KeyError) as error:
+        server = start(folder)
+    except errors as error:
         shutil.rmtree(folder, ignore_errors=True)
         detail = getattr(error, "stderr", "") or error
         if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no PostgreSQL server could be started: {detail}")
-        pytest.skip(f"no PostgreSQL server could be started here: {detail}")
+            pytest.fail(f"CI is set but no {name} server could be started: {detail}")
+        pytest.skip(f"no {name} server could be started here: {detail}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[Server]:
+    """A running server; skipped where none can start, except under CI, where that fails the test."""
+    yield from throwaway(Server, "PostgreSQL", "dmg-pg-", (OSError, RuntimeError, subprocess.SubprocessError, KeyError))
 
 
 @pytest.fixture(scope="module")
